@@ -1,0 +1,100 @@
+"""Kernel selection for aqlm.QuantizedLinear layers built or loaded by aqlm_ctx.
+
+aqlm's own ``QuantizedLinear.forward`` picks a kernel on its first call and caches it on the layer; on CPU that
+choice races (numba, more than one thread), permutes the codes in place, and sticks when the layer later moves to
+another device. aqlm_ctx instead installs :class:`AqlmMatmul` as the layer's ``gemv_op`` and ``gemm_op``: it chooses
+on every call from the tensors' device, dtype and format, and never changes the codes.
+
+Switch: ``AQLM_CTX_GPU_KERNELS=0`` in the environment makes CUDA layers use aqlm's stock kernels instead of ours.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from .reference import reference_matmul
+
+__all__ = ["AqlmMatmul", "aqlm_matmul", "gpu_kernels_enabled", "install_kernels"]
+
+
+def gpu_kernels_enabled() -> bool:
+    """Whether aqlm_ctx's own CUDA kernels are used (``AQLM_CTX_GPU_KERNELS`` is not ``0``/``false``/``off``)."""
+    return os.environ.get("AQLM_CTX_GPU_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _meta_matmul(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    out_features = codes.shape[0] * codebooks.shape[2]
+    return torch.empty(*input.shape[:-1], out_features, dtype=input.dtype, device="meta")
+
+
+def _stock_cuda_matmul(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    from aqlm.inference_kernels import get_forward_pass_kernel
+
+    many_tokens = math.prod(input.shape[:-1]) > 6
+    kernel = get_forward_pass_kernel(codebooks, many_tokens)
+    return kernel(input, codes, codebooks, scales, bias)
+
+
+def aqlm_matmul(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``input @ W.T + bias`` for the AQLM weight ``W`` that ``codes``, ``codebooks`` and ``scales`` encode.
+
+    Codes are always in the checkpoint layout ``[out_groups, in_groups, num_codebooks]`` and are never modified.
+    When autograd needs gradients, the plain-torch path runs so that every gradient is exact.
+    """
+    if "meta" in (input.device.type, codes.device.type):
+        return _meta_matmul(input, codes, codebooks)
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad or codebooks.requires_grad or scales.requires_grad
+    )
+    if needs_grad:
+        return reference_matmul(input, codes, codebooks, scales, bias)
+    if input.is_cuda:
+        if gpu_kernels_enabled():
+            from . import triton_kernels
+
+            if triton_kernels.supports(input, codes, codebooks):
+                return triton_kernels.matmul(input, codes, codebooks, scales, bias)
+        return _stock_cuda_matmul(input, codes, codebooks, scales, bias)
+    if input.device.type == "cpu":
+        from . import cpu
+
+        if cpu.supports(input, codes, codebooks):
+            return cpu.matmul(input, codes, codebooks, scales, bias)
+    return reference_matmul(input, codes, codebooks, scales, bias)
+
+
+class AqlmMatmul:
+    """Stands in for aqlm's cached autograd op: ``QuantizedLinear.forward`` calls ``AqlmMatmul.apply(...)``."""
+
+    apply = staticmethod(aqlm_matmul)
+
+
+def _any_size(input: torch.Tensor) -> bool:
+    """aqlm's gemv/gemm rule; both ops are the same dispatcher, so the answer does not matter."""
+    return True
+
+
+def install_kernels(layer: nn.Module) -> None:
+    """Make ``layer`` (an ``aqlm.QuantizedLinear``) run through :func:`aqlm_matmul` from its next forward on.
+
+    This also undoes a kernel choice aqlm cached earlier (for instance by a forward on the meta device).
+    """
+    layer.gemv_op = AqlmMatmul
+    layer.gemm_op = AqlmMatmul
+    layer.use_gemv_rule = _any_size

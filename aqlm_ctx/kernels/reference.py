@@ -1,0 +1,39 @@
+"""Plain-torch AQLM math: the dequantized weight and the matmul every kernel must agree with."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["dequantize_weight", "reference_matmul"]
+
+
+def dequantize_weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The dense ``[out_features, in_features]`` weight that a QuantizedLinear's tensors encode.
+
+    ``W[o*og + a, i*ig + b] = scales[o] * sum_c codebooks[c, codes[o, i, c] mod 2**nbits, a, b]``.
+
+    Args:
+        codes: ``[out_groups, in_groups, num_codebooks]`` int8/int16 (unsigned values stored signed).
+        codebooks: ``[num_codebooks, codebook_size, out_group_size, in_group_size]``.
+        scales: ``[out_groups, 1, 1, 1]``.
+    """
+    num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
+    out_groups, in_groups, _ = codes.shape
+    indices = codes.long() % codebook_size + torch.arange(num_codebooks, device=codes.device) * codebook_size
+    groups = F.embedding_bag(
+        indices.reshape(-1, num_codebooks), codebooks.reshape(num_codebooks * codebook_size, -1), mode="sum"
+    )
+    groups = groups.view(out_groups, in_groups, out_group_size, in_group_size) * scales
+    return groups.transpose(1, 2).reshape(out_groups * out_group_size, in_groups * in_group_size)
+
+
+def reference_matmul(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``input @ W.T + bias`` with ``W`` dequantized in plain torch; differentiable in input, codebooks and scales."""
+    return F.linear(input, dequantize_weight(codes, codebooks, scales).to(input.dtype), bias)
