@@ -1,5 +1,19 @@
 """aqlm_ctx: build, load and run any PyTorch model as an AQLM model without full-precision weights."""
 
 from .config import AqlmConfig, as_config
+from .construction import aqlm_quantized
+from .decorators import quantize_model
+from .matching import SkipMatcher
+from .visitor import replace_linear_layers, replace_with_aqlm_linear
 
-__all__ = ["AqlmConfig", "as_config"]
+__all__ = [
+    # configuration
+    "AqlmConfig",
+    "SkipMatcher",
+    "as_config",
+    # building quantized models
+    "aqlm_quantized",
+    "quantize_model",
+    "replace_linear_layers",
+    "replace_with_aqlm_linear",
+]

@@ -80,7 +80,9 @@ def _check_skip(value: object) -> tuple[SkipPattern, ...]:
             try:
                 re.compile(pattern[3:])
             except re.error as error:
-                raise ValueError(f"AqlmConfig.skip pattern {pattern!r} is not a valid regular expression: {error}")
+                raise ValueError(
+                    f"AqlmConfig.skip pattern {pattern!r} is not a valid regular expression: {error}"
+                ) from error
     return patterns
 
 

@@ -59,9 +59,7 @@ def aqlm_matmul(
     """
     if "meta" in (input.device.type, codes.device.type):
         return _meta_matmul(input, codes, codebooks)
-    needs_grad = torch.is_grad_enabled() and (
-        input.requires_grad or codebooks.requires_grad or scales.requires_grad
-    )
+    needs_grad = torch.is_grad_enabled() and (input.requires_grad or codebooks.requires_grad or scales.requires_grad)
     if needs_grad:
         return reference_matmul(input, codes, codebooks, scales, bias)
     if input.is_cuda:
@@ -95,6 +93,5 @@ def install_kernels(layer: nn.Module) -> None:
 
     This also undoes a kernel choice aqlm cached earlier (for instance by a forward on the meta device).
     """
-    layer.gemv_op = AqlmMatmul
-    layer.gemm_op = AqlmMatmul
-    layer.use_gemv_rule = _any_size
+    for name, value in (("gemv_op", AqlmMatmul), ("gemm_op", AqlmMatmul), ("use_gemv_rule", _any_size)):
+        setattr(layer, name, value)

@@ -1,0 +1,396 @@
+"""``aqlm_quantized``: build models whose linear layers come out as ``aqlm.QuantizedLinear`` on the meta device.
+
+How it works, and why it is safe inside someone else's program:
+
+* ``nn.Linear.__init__`` is wrapped through the class itself (so ``from torch.nn import Linear`` done earlier is
+  caught too) while at least one block is open anywhere; the wrapper acts only for exactly ``nn.Linear`` and only
+  when the calling thread or asyncio task has a block open (a :class:`contextvars.ContextVar`); everyone else gets
+  the original. When the last block closes, the original function object is put back (``vars(nn.Linear)`` holds
+  the very same objects as before).
+* Other tensors built inside the block go to the meta device through a per-thread ``TorchFunctionMode`` that,
+  like ``torch.device("meta")``, fills in ``device`` only where the caller passed none, and only for the
+  context (thread or task) that opened the block.
+* Module paths do not exist while a layer is built, so skip patterns are applied when the block ends: the block
+  records where each module it built was attached (``register_module_module_registration_hook``), walks each
+  resulting model from its root and turns skipped layers back into dense ``nn.Linear`` on meta, in place.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import torch
+import wrapt
+from aqlm import QuantizedLinear
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
+
+from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
+from .kernels import install_kernels
+from .layers import (
+    check_divisible,
+    make_dense_in_place,
+    original_linear_init,
+    strip_foreign_parameters,
+)
+from .matching import SkipMatcher
+
+__all__ = ["aqlm_quantized"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _BuiltLayer:
+    """A linear layer built inside a block, and what it was built with."""
+
+    module: nn.Module
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+    device: torch.device
+    source: str
+
+
+@dataclass(eq=False)
+class _Block:
+    """One open ``with aqlm_quantized(...)`` in one thread or task."""
+
+    owner: aqlm_quantized
+    layers: list[_BuiltLayer] = field(default_factory=list)
+    parents: dict[int, nn.Module] = field(default_factory=dict)
+    children: set[int] = field(default_factory=set)
+
+    def build_linear(
+        self,
+        module: nn.Linear,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        device: Any,
+        dtype: torch.dtype | None,
+    ) -> None:
+        """Initialise ``module`` (a fresh ``nn.Linear``) as a QuantizedLinear on meta, or as a meta Linear."""
+        config = self.owner.config
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        # Without an explicit device, where torch.device(...) modes and this block's meta default would put it.
+        built_on = torch.device(device) if device is not None else torch.empty(0).device
+        source = _caller_location()
+        self.layers.append(_BuiltLayer(module, in_features, out_features, dtype, built_on, source))
+        if check_divisible(in_features, out_features, config, source) is not None:
+            # Not storable in these groups: stays a meta Linear; the block's end skips it or says why it cannot.
+            original_linear_init(module, in_features, out_features, bias, device=built_on, dtype=dtype)
+            return
+        module.__class__ = QuantizedLinear
+        QuantizedLinear.__init__(
+            module,
+            in_features,
+            out_features,
+            in_group_size=config.in_group_size,
+            out_group_size=config.out_group_size,
+            num_codebooks=config.num_codebooks,
+            nbits_per_codebook=config.nbits_per_codebook,
+            bias=bias,
+            device="meta",
+            dtype=config.dtype or dtype,
+        )
+        install_kernels(module)
+
+    def note_registration(self, parent: nn.Module, child: nn.Module) -> None:
+        self.parents.setdefault(id(parent), parent)
+        self.children.add(id(child))
+
+    def finish(self, first_roots: Iterable[nn.Module] = ()) -> None:
+        """Apply the skip patterns to every layer this block built, relative to the model it ended up in.
+
+        Raises:
+            ValueError: layers that are not skipped cannot be split into the config's groups; nothing changed.
+        """
+        matcher, config = self.owner.matcher, self.owner.config
+        roots = [*first_roots, *(m for key, m in self.parents.items() if key not in self.children)]
+        roots += [layer.module for layer in self.layers]  # layers attached to nothing are their own roots
+        pending = {id(layer.module): layer for layer in self.layers}
+        decided: list[tuple[_BuiltLayer, str, bool]] = []
+        used: set[int] = set()
+        for root in roots:
+            if not pending:
+                break
+            found = matcher.resolve(root)
+            used |= found.used
+            for key in [key for key in pending if key in found.modules]:
+                decided.append((pending.pop(key), found.modules[key][0], key in found.skipped))
+        problems = [
+            message
+            for layer, path, skipped in decided
+            if not skipped
+            and (message := check_divisible(layer.in_features, layer.out_features, config, _where(path, layer)))
+        ]
+        if problems:
+            raise ValueError(
+                "cannot quantize these layers with "
+                f"in_group_size={config.in_group_size}, out_group_size={config.out_group_size}:\n  "
+                + "\n  ".join(problems)
+                + "\nadd them to skip=[...] to keep them dense"
+            )
+        densified = 0
+        for layer, path, skipped in decided:
+            if skipped:
+                if isinstance(layer.module, QuantizedLinear):
+                    make_dense_in_place(layer.module, layer.device, layer.dtype)
+                    densified += 1
+            elif foreign := strip_foreign_parameters(layer.module):
+                logger.info("%s: dropped %s assigned to a quantized layer (ties are undone)", path, foreign)
+        matcher.warn_unused(used, "aqlm_quantized")
+        quantized = sum(not skipped for _, _, skipped in decided)
+        logger.info(
+            "aqlm_quantized: %d Linear layers built as QuantizedLinear (%s), %d kept dense by skip",
+            quantized,
+            config.format_name,
+            len(decided) - quantized,
+        )
+
+
+def _where(path: str, layer: _BuiltLayer) -> str:
+    return f"{path or '<root>'} (built at {layer.source})"
+
+
+_OWN_FILES = (os.path.dirname(__file__), os.path.dirname(nn.__file__), os.path.dirname(wrapt.__file__))
+
+
+def _caller_location() -> str:
+    """``file:line`` of the first frame outside torch.nn, wrapt and aqlm_ctx: the line that built the layer."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_FILES):
+        frame = frame.f_back  # type: ignore[assignment]
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "<unknown>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-context state: which blocks are open in this thread / asyncio task.
+
+_BLOCKS: contextvars.ContextVar[tuple[_Block, ...]] = contextvars.ContextVar("aqlm_ctx_blocks", default=())
+
+
+def _innermost_block() -> _Block | None:
+    blocks = _BLOCKS.get()
+    return blocks[-1] if blocks else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Meta device by default, per thread, gated by the context of the caller.
+
+_FACTORIES = _device_constructors()
+
+
+class _MetaByDefault(TorchFunctionMode):
+    """Puts tensors on meta for factory calls without ``device=``, for the context with an open block only."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _FACTORIES and kwargs.get("device") is None:
+            block = _innermost_block()
+            if block is not None and block.owner.init_on_meta:
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+class _ThreadModes(threading.local):
+    def __init__(self) -> None:
+        self.mode: _MetaByDefault | None = None
+        self.depth = 0
+
+
+_thread_modes = _ThreadModes()
+
+
+def _push_thread_mode() -> None:
+    if _thread_modes.depth == 0:
+        _thread_modes.mode = _MetaByDefault()
+        _thread_modes.mode.__enter__()
+    _thread_modes.depth += 1
+
+
+def _pop_thread_mode() -> None:
+    _thread_modes.depth -= 1
+    if _thread_modes.depth:
+        return
+    mode, _thread_modes.mode = _thread_modes.mode, None
+    above: list[Any] = []
+    while torch._C._len_torch_function_stack() > 0:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)  # a mode pushed after ours by another task of this thread and still open
+    for other in reversed(above):
+        torch._C._push_on_torch_function_stack(other)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Process-wide patches, present only while some thread has a block open.
+
+
+def _linear_init_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    block = _innermost_block()
+    if block is None or type(instance) is not nn.Linear:
+        return wrapped(*args, **kwargs)
+    return _call_build(block, instance, *args, **kwargs)
+
+
+def _call_build(
+    block: _Block,
+    module: nn.Linear,
+    in_features: int,
+    out_features: int,
+    bias: bool = True,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    block.build_linear(module, in_features, out_features, bias, device, dtype)
+
+
+def _registration_hook(parent: nn.Module, name: str, child: nn.Module | None) -> None:
+    block = _innermost_block()
+    if block is not None and child is not None:
+        block.note_registration(parent, child)
+
+
+class _Patches:
+    """Reference-counted process-wide patches: installed with the first open block, removed with the last."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders: dict[threading.Thread, int] = {}
+        self.original: Any = None
+        self.hook: Any = None
+
+    def acquire(self) -> None:
+        with self.lock:
+            self._forget_dead_threads()
+            if not self.holders:
+                self.original = vars(nn.Linear)["__init__"]
+                nn.Linear.__init__ = wrapt.FunctionWrapper(self.original, _linear_init_wrapper)  # type: ignore[method-assign]
+                self.hook = nn.modules.module.register_module_module_registration_hook(_registration_hook)
+            thread = threading.current_thread()
+            self.holders[thread] = self.holders.get(thread, 0) + 1
+
+    def release(self) -> None:
+        with self.lock:
+            thread = threading.current_thread()
+            self.holders[thread] -= 1
+            if not self.holders[thread]:
+                del self.holders[thread]
+            self._forget_dead_threads()
+            if not self.holders:
+                nn.Linear.__init__ = self.original  # type: ignore[method-assign]
+                self.hook.remove()
+                self.original = self.hook = None
+
+    def _forget_dead_threads(self) -> None:
+        for thread in [thread for thread in self.holders if not thread.is_alive()]:
+            del self.holders[thread]  # it opened a block and ended without closing it
+
+
+_patches = _Patches()
+
+
+class aqlm_quantized:
+    """Build models whose ``nn.Linear`` layers come out as ``aqlm.QuantizedLinear`` on the meta device.
+
+    Inside the block every layer built as exactly ``nn.Linear`` (not a subclass: ``nn.MultiheadAttention``'s
+    ``out_proj`` and LoRA layers stay as they are) is an empty ``QuantizedLinear`` on meta, in ``config.dtype`` or
+    else the dtype the Linear was built with. With ``init_on_meta`` (the default) every other tensor whose
+    factory call names no ``device`` lands on meta too, so a 70B config allocates no weight memory.
+
+    When the block ends, skip patterns are applied relative to the model each layer ended up in (the top-most
+    module built or attached to inside the block); skipped layers become dense ``nn.Linear`` on meta again, in
+    place, keeping a ``weight`` the model tied to them. A pattern that matched no module is reported in a warning.
+
+    Device and dtype: ``device=`` passed to an ``nn.Linear`` is ignored for quantized layers (they have no codes
+    until a checkpoint is loaded; :func:`aqlm_ctx.load_checkpoint` places them) and used for skipped ones;
+    ``dtype=`` is used for codebooks, scales and bias unless ``config.dtype`` is set. Other factory calls with an
+    explicit ``device=`` keep it.
+
+    Scope: only the thread or asyncio task that entered the block is affected; others building models at the
+    same time get ordinary layers. Blocks nest (the inner config applies to what is built inside it, and each
+    block applies its own skips); the same object may be entered again while open. If the block ends with an
+    exception, layers are left as built and no skips are applied.
+
+    Args:
+        config: anything :func:`aqlm_ctx.as_config` accepts; its ``skip`` patterns apply.
+        skip: more skip patterns, applied together with the config's.
+        init_on_meta: put all other tensors built without an explicit device on meta too.
+
+    Raises:
+        ValueError: on exit, a layer that is not skipped cannot be split into the config's groups (the message
+            names its path, the line that built it, its shape and the group sizes).
+        RuntimeError: blocks were exited in a different order than they were entered.
+
+    Example:
+        >>> with aqlm_quantized(AqlmConfig(num_codebooks=2, nbits_per_codebook=8), skip=["lm_head"]):
+        ...     model = MyLM(config)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: ConfigLike | None = None,
+        skip: SkipPattern | Iterable[SkipPattern] | None = None,
+        *,
+        init_on_meta: bool = True,
+    ) -> None:
+        self.config: AqlmConfig = as_config(config).with_skip(skip)
+        self.matcher = SkipMatcher(self.config.skip)
+        self.init_on_meta = bool(init_on_meta)
+
+    def __repr__(self) -> str:
+        return f"aqlm_quantized({self.config!r}, init_on_meta={self.init_on_meta})"
+
+    def __enter__(self) -> aqlm_quantized:
+        self._open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._close(apply_skips=exc_type is None)
+
+    def _open(self) -> _Block:
+        block = _Block(self)
+        _patches.acquire()
+        try:
+            _push_thread_mode()
+        except BaseException:
+            _patches.release()
+            raise
+        _BLOCKS.set((*_BLOCKS.get(), block))
+        return block
+
+    def _close(self, apply_skips: bool, first_roots: Iterable[nn.Module] = ()) -> None:
+        blocks = _BLOCKS.get()
+        if not blocks or blocks[-1].owner is not self:
+            innermost = repr(blocks[-1].owner) if blocks else "none (no block is open in this thread or task)"
+            raise RuntimeError(
+                "aqlm_quantized blocks must be exited in the reverse order they were entered: "
+                f"exiting {self!r}, but the innermost open block is {innermost}"
+            )
+        block = blocks[-1]
+        _BLOCKS.set(blocks[:-1])
+        try:
+            _pop_thread_mode()
+        finally:
+            _patches.release()
+        if apply_skips:
+            block.finish(first_roots)

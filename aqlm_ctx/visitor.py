@@ -1,0 +1,122 @@
+"""Post-hoc conversion of a model that already exists, and the drop-in for transformers' integration."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from .config import ConfigLike, SkipPattern, as_config
+from .layers import check_divisible, make_quantized_in_place, new_quantized_linear
+from .matching import SkipMatcher
+
+__all__ = ["replace_linear_layers", "replace_with_aqlm_linear"]
+
+logger = logging.getLogger(__name__)
+
+
+def _replace(
+    model: nn.Module, config: ConfigLike | None, skip: SkipPattern | Iterable[SkipPattern] | None, prefix: str
+) -> list[nn.Module]:
+    """Convert every selected ``nn.Linear`` of ``model`` in place; return the converted modules."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module to convert, got {type(model).__name__}")
+    aqlm_config = as_config(config).with_skip(skip)
+    matcher = SkipMatcher(aqlm_config.skip)
+    found = matcher.resolve(model, prefix)
+    matcher.warn_unused(found.used, "replace_linear_layers")
+    targets = [
+        (path, module)
+        for key, (path, module) in found.modules.items()
+        if type(module) is nn.Linear and key not in found.skipped
+    ]
+    problems = [
+        message
+        for path, module in targets
+        if (message := check_divisible(module.in_features, module.out_features, aqlm_config, path or "<root>"))
+    ]
+    if problems:
+        raise ValueError(
+            "cannot quantize these layers with "
+            f"in_group_size={aqlm_config.in_group_size}, out_group_size={aqlm_config.out_group_size}:\n  "
+            + "\n  ".join(problems)
+            + "\nadd them to skip=[...] to keep them dense; the model was not changed"
+        )
+    # Build every replacement first, then swap: the model ends fully converted or, on an error, untouched.
+    templates = [
+        new_quantized_linear(
+            module.in_features, module.out_features, module.bias is not None, aqlm_config, module.weight.dtype
+        )
+        for _, module in targets
+    ]
+    for (_, module), template in zip(targets, templates, strict=True):
+        make_quantized_in_place(module, template)
+    logger.info(
+        "replaced %d Linear layers with QuantizedLinear (%s); %d kept dense by skip",
+        len(targets),
+        aqlm_config.format_name,
+        sum(type(module) is nn.Linear for key, (_, module) in found.modules.items() if key in found.skipped),
+    )
+    return [module for _, module in targets]
+
+
+def replace_linear_layers(
+    model: nn.Module,
+    config: ConfigLike | None = None,
+    skip: SkipPattern | Iterable[SkipPattern] | None = None,
+) -> nn.Module:
+    """Turn every ``nn.Linear`` of an existing model into an empty ``aqlm.QuantizedLinear`` on meta, in place.
+
+    Exactly ``nn.Linear`` instances are converted (not subclasses), with the same skip semantics as
+    :class:`aqlm_ctx.aqlm_quantized`. Each layer keeps its identity (hooks, attributes, every reference to it) and
+    gets codebooks and scales in ``config.dtype`` or its weight's dtype; its old weight is released (a weight tied
+    to another module lives on there). The new layers have no codes until a checkpoint is loaded.
+
+    Args:
+        model: the model; with real weights or on meta.
+        config: anything :func:`aqlm_ctx.as_config` accepts.
+        skip: more skip patterns, applied together with the config's.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: ``model`` is not a module, or a pattern has the wrong type.
+        ValueError: layers that are not skipped cannot be split into the config's groups; the model is unchanged.
+
+    Example:
+        >>> model = replace_linear_layers(model, AqlmConfig(), skip=["lm_head"])  # doctest: +SKIP
+    """
+    _replace(model, config, skip, prefix="")
+    return model
+
+
+def replace_with_aqlm_linear(
+    model: nn.Module,
+    quantization_config: Any = None,
+    linear_weights_not_to_quantize: list[str] | None = None,
+    current_key_name: list[str] | None = None,
+    has_been_replaced: bool = False,
+) -> tuple[nn.Module, bool]:
+    """Drop-in for ``transformers.integrations.aqlm.replace_with_aqlm_linear``, built on :func:`replace_linear_layers`.
+
+    Same signature and ``(model, has_been_replaced)`` return; skip names follow aqlm_ctx's semantics, so both the
+    hub's ``"lm_head.weight"`` and ``"lm_head"`` keep lm_head dense. Converted layers get ``source_cls`` as before.
+
+    Args:
+        model: the model to convert in place.
+        quantization_config: anything :func:`aqlm_ctx.as_config` accepts (``transformers.AqlmConfig`` included).
+        linear_weights_not_to_quantize: skip patterns (parameter or module names).
+        current_key_name: path of ``model`` inside a larger model; patterns are matched on the full path.
+        has_been_replaced: carried into the result (``or``-ed with whether this call converted a layer).
+
+    Returns:
+        ``(model, has_been_replaced)``.
+    """
+    prefix = ".".join(current_key_name or [])
+    replaced = _replace(model, quantization_config, linear_weights_not_to_quantize, prefix)
+    for module in replaced:
+        setattr(module, "source_cls", nn.Linear)  # noqa: B010 - seed compatibility; not a Module attribute
+    return model, has_been_replaced or bool(replaced)
