@@ -1,0 +1,223 @@
+"""aqlm_ctx's Triton kernels against a plain-torch dequantized reference (GPU), plus CPU-side guards."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+from aqlm_ctx.kernels import triton_kernels
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# name -> (num_codebooks, nbits, codes dtype)
+FORMATS = {"2x8": (2, 8, torch.int8), "1x8": (1, 8, torch.int8), "1x16": (1, 16, torch.int16)}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def make_layer(
+    fmt: str, out_features: int, in_features: int, dtype: torch.dtype, device: str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random codes (full unsigned range, stored signed), codebooks and scales in the checkpoint layout."""
+    num_codebooks, nbits, codes_dtype = FORMATS[fmt]
+    g = torch.Generator().manual_seed(seed)
+    half = 2 ** (nbits - 1)
+    codes = torch.randint(-half, half, (out_features, in_features // 8, num_codebooks), generator=g)
+    codebooks = torch.randn(num_codebooks, 2**nbits, 1, 8, generator=g) * 0.5
+    scales = torch.rand(out_features, 1, 1, 1, generator=g) + 0.5
+    return codes.to(codes_dtype).to(device), codebooks.to(dtype).to(device), scales.to(dtype).to(device)
+
+
+def reference(
+    x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Independent oracle: explicit per-codebook lookup in float64, then a float64 matmul."""
+    num_codebooks, codebook_size = codebooks.shape[:2]
+    idx = codes.long() % codebook_size
+    weight = torch.zeros(codes.shape[0], codes.shape[1], 8, dtype=torch.float64, device=codes.device)
+    for c in range(num_codebooks):
+        weight += codebooks[c, :, 0, :].double()[idx[:, :, c]]
+    weight = (weight * scales.double().view(-1, 1, 1)).reshape(codes.shape[0], -1)
+    out = x.double() @ weight.T
+    if bias is not None:
+        out = out + bias.double()
+    return out
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# ---------------------------------------------------------------- CPU side (runs everywhere)
+
+
+def test_supports_is_false_on_cpu() -> None:
+    for fmt in FORMATS:
+        codes, codebooks, _ = make_layer(fmt, 16, 64, torch.float16, "cpu")
+        x = torch.randn(3, 64, dtype=torch.float16)
+        assert not triton_kernels.supports(x, codes, codebooks)
+
+
+def test_imports_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.delitem(sys.modules, "aqlm_ctx.kernels.triton_aqlm", raising=False)
+    module = importlib.import_module("aqlm_ctx.kernels.triton_kernels")
+    codes, codebooks, _ = make_layer("2x8", 16, 64, torch.float16, "cpu")
+    assert not module.supports(torch.randn(1, 64, dtype=torch.float16), codes, codebooks)
+    with pytest.raises(ImportError):
+        importlib.import_module("aqlm_ctx.kernels.triton_aqlm")
+
+
+def test_fake_impl_shape() -> None:
+    codes, codebooks, scales = make_layer("2x8", 24, 64, torch.float16, "meta")
+    x = torch.empty(2, 5, 64, dtype=torch.float16, device="meta")
+    out = torch.ops.aqlm_ctx.aqlm_matmul(x, codes, codebooks, scales, None)
+    assert out.shape == (2, 5, 24) and out.dtype == torch.float16
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_supports_covered_and_not(fmt: str) -> None:
+    codes, codebooks, _ = make_layer(fmt, 32, 64, torch.float16, "cuda")
+    assert triton_kernels.supports(torch.randn(2, 64, device="cuda", dtype=torch.float16), codes, codebooks)
+    assert not triton_kernels.supports(torch.randn(2, 64, device="cuda"), codes, codebooks)  # fp32 input
+    wide = codebooks.new_zeros(codebooks.shape[0], codebooks.shape[1], 1, 16)
+    assert not triton_kernels.supports(torch.randn(2, 64, device="cuda", dtype=torch.float16), codes, wide)
+    two_out = codebooks.new_zeros(codebooks.shape[0], codebooks.shape[1], 2, 8)
+    assert not triton_kernels.supports(torch.randn(2, 64, device="cuda", dtype=torch.float16), codes, two_out)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("tokens", [1, 3, 7, 17, 65, 513])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_reference(fmt: str, dtype_name: str, tokens: int, with_bias: bool) -> None:
+    dtype = DTYPES[dtype_name]
+    out_features, in_features = 200, 8 * 67  # neither divides any tile size
+    codes, codebooks, scales = make_layer(fmt, out_features, in_features, dtype, "cuda", seed=tokens)
+    codes_before = codes.clone()
+    bias = torch.randn(out_features, device="cuda").to(dtype) if with_bias else None
+    x = torch.randn(tokens, in_features, device="cuda").to(dtype)
+    assert triton_kernels.supports(x, codes, codebooks)
+    out = triton_kernels.matmul(x, codes, codebooks, scales, bias)
+    assert out.shape == (tokens, out_features) and out.dtype == dtype
+    assert rel_err(out, reference(x, codes, codebooks, scales, bias)) < TOLERANCE[dtype]
+    assert torch.equal(codes, codes_before)
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("tokens", [1, 4, 16, 64])
+def test_llama_sized_layer(fmt: str, tokens: int) -> None:
+    codes, codebooks, scales = make_layer(fmt, 1024, 4096, torch.float16, "cuda", seed=1)
+    x = torch.randn(tokens, 4096, device="cuda", dtype=torch.float16)
+    out = triton_kernels.matmul(x, codes, codebooks, scales, None)
+    assert rel_err(out, reference(x, codes, codebooks, scales, None)) < TOLERANCE[torch.float16]
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_3d_and_non_contiguous_inputs(fmt: str) -> None:
+    codes, codebooks, scales = make_layer(fmt, 96, 128, torch.float16, "cuda", seed=3)
+    bias = torch.randn(96, device="cuda", dtype=torch.float16)
+    x3 = torch.randn(2, 5, 128, device="cuda", dtype=torch.float16)
+    out = triton_kernels.matmul(x3, codes, codebooks, scales, bias)
+    assert out.shape == (2, 5, 96)
+    ref = reference(x3.reshape(-1, 128), codes, codebooks, scales, bias).view(2, 5, 96)
+    assert rel_err(out, ref) < TOLERANCE[torch.float16]
+    wide = torch.randn(3, 256, device="cuda", dtype=torch.float16)
+    for x in (wide[:, ::2], wide[:, :128], torch.randn(128, 3, device="cuda", dtype=torch.float16).T):
+        assert not x.is_contiguous()
+        out = triton_kernels.matmul(x, codes, codebooks, scales, bias)
+        assert rel_err(out, reference(x, codes, codebooks, scales, bias)) < TOLERANCE[torch.float16]
+    empty = triton_kernels.matmul(x3[:0], codes, codebooks, scales, bias)
+    assert empty.shape == (0, 5, 96)
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("bt", [0, 16, 64])
+def test_split_k_is_exact_and_deterministic(fmt: str, bt: int) -> None:
+    """Forced split-K: the self-resetting ticket must reduce every partial, the same way every time."""
+    from aqlm_ctx.kernels.triton_aqlm import Config, launch
+
+    codes, codebooks, scales = make_layer(fmt, 256, 8 * 515, torch.float16, "cuda", seed=5)
+    bias = torch.randn(256, device="cuda", dtype=torch.float16)
+    tokens = 3 if bt == 0 else 2 * bt + 1
+    x = torch.randn(tokens, 8 * 515, device="cuda", dtype=torch.float16)
+    ref = reference(x, codes, codebooks, scales, bias)
+    for split in (2, 7):
+        cfg = Config(bt=bt, bo=32, bi=8, split=split)
+        outs = [launch(x, codes, codebooks, scales, bias, cfg) for _ in range(20)]
+        assert rel_err(outs[0], ref) < TOLERANCE[torch.float16]
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+@requires_cuda
+def test_quantized_linear_dispatches_to_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    aqlm = pytest.importorskip("aqlm")
+    from aqlm_ctx.kernels.dispatch import install_kernels
+
+    layer = aqlm.QuantizedLinear(256, 64, 8, 1, 2, 8, bias=True, device="cuda", dtype=torch.float16)
+    codes, codebooks, scales = make_layer("2x8", 64, 256, torch.float16, "cuda", seed=7)
+    with torch.no_grad():
+        layer.codes.copy_(codes)
+        layer.codebooks.copy_(codebooks)
+        layer.scales.copy_(scales)
+        layer.bias.copy_(torch.randn(64))
+    install_kernels(layer)
+    calls: list[int] = []
+    real = triton_kernels.matmul
+    monkeypatch.setattr(triton_kernels, "matmul", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        out = layer(x)
+    assert calls
+    assert rel_err(out, reference(x, codes, codebooks, scales, layer.bias)) < TOLERANCE[torch.float16]
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", ["2x8", "1x16"])
+def test_torch_compile(fmt: str) -> None:
+    codes, codebooks, scales = make_layer(fmt, 128, 256, torch.bfloat16, "cuda", seed=11)
+    bias = torch.randn(128, device="cuda", dtype=torch.bfloat16)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(triton_kernels.matmul(x, codes, codebooks, scales, bias)) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    for tokens in (1, 5, 33):
+        x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+        ref = torch.relu(reference(x, codes, codebooks, scales, bias)) * 2
+        assert rel_err(compiled(x), ref) < TOLERANCE[torch.bfloat16]
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_cuda_graph_capture(fmt: str, tokens: int) -> None:
+    codes, codebooks, scales = make_layer(fmt, 512, 1024, torch.float16, "cuda", seed=13)
+    bias = torch.randn(512, device="cuda", dtype=torch.float16)
+    static_x = torch.randn(tokens, 1024, device="cuda", dtype=torch.float16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up (compilation, split-K counters) outside the capture
+            triton_kernels.matmul(static_x, codes, codebooks, scales, bias)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = triton_kernels.matmul(static_x, codes, codebooks, scales, bias)
+    for _ in range(3):
+        static_x.copy_(torch.randn(tokens, 1024, device="cuda", dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_y, reference(static_x, codes, codebooks, scales, bias)) < TOLERANCE[torch.float16]
