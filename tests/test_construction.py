@@ -1,0 +1,296 @@
+"""aqlm_quantized: what is built inside, skips, restoration, nesting, scope, devices and dtypes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+
+import pytest
+import torch
+from aqlm import QuantizedLinear
+from torch import nn
+from torch.nn import Linear  # bound before any block is entered, on purpose
+
+from aqlm_ctx import AqlmConfig, aqlm_quantized
+
+from .utils import signature
+
+CONFIG = AqlmConfig(num_codebooks=2, nbits_per_codebook=8)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 32, hidden: int = 16, layers: int = 2, tie: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"q": nn.Linear(hidden, hidden), "fc": nn.Linear(hidden, 2 * hidden, bias=False)})
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(hidden)
+        self.lm_head = Linear(hidden, vocab, bias=False)
+        if tie:
+            self.lm_head.weight = self.embed.weight
+
+
+def snapshot() -> tuple[dict[str, object], dict[str, object]]:
+    return dict(vars(nn.Linear)), dict(vars(nn.Module))
+
+
+def assert_restored(before: tuple[dict[str, object], dict[str, object]]) -> None:
+    for now, then in zip(snapshot(), before, strict=True):
+        assert now.keys() == then.keys()
+        assert all(now[key] is then[key] for key in then)
+    plain = nn.Linear(16, 8)
+    assert type(plain) is nn.Linear and plain.weight.device.type == "cpu"
+    assert torch.nn.modules.module._global_module_registration_hooks == {}
+
+
+def test_linear_built_inside_is_quantized_on_meta_at_once() -> None:
+    before = snapshot()
+    with aqlm_quantized(CONFIG):
+        layer = nn.Linear(16, 32)
+        aliased = Linear(16, 32, bias=False)
+        assert type(layer) is QuantizedLinear and type(aliased) is QuantizedLinear
+    assert (layer.in_features, layer.out_features, layer.bias is not None, aliased.bias) == (16, 32, True, None)
+    assert layer.codes.shape == (32, 2, 2) and layer.codes.dtype is torch.int8
+    assert layer.codebooks.shape == (2, 256, 1, 8)
+    assert all(p.device.type == "meta" and not p.requires_grad for p in layer.parameters())
+    assert_restored(before)
+
+
+def test_rest_of_model_on_meta_and_skips_applied_at_block_end() -> None:
+    before = snapshot()
+    with aqlm_quantized(CONFIG, skip=["lm_head"]):
+        model = TinyLM()
+    assert type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight is model.embed.weight  # the tie survives
+    assert all(type(block[name]) is QuantizedLinear for block in model.layers for name in ("q", "fc"))
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    assert_restored(before)
+
+
+def test_untied_skipped_lm_head_is_dense_meta_linear_in_built_dtype() -> None:
+    with aqlm_quantized(CONFIG, skip=["lm_head"]):
+        model = TinyLM(tie=False).to(torch.float64) if False else TinyLM(tie=False)
+    assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.weight.device.type == "meta"
+
+
+def test_quantized_tied_lm_head_loses_the_stray_weight() -> None:
+    with aqlm_quantized(CONFIG):
+        model = TinyLM(tie=True)
+    assert type(model.lm_head) is QuantizedLinear
+    assert set(dict(model.lm_head.named_parameters())) == {"codebooks", "codes", "scales"}
+    assert model.embed.weight.shape == (32, 16)
+
+
+def test_subclasses_and_multihead_attention_are_left_alone() -> None:
+    class MyLinear(nn.Linear):
+        pass
+
+    with aqlm_quantized(CONFIG):
+        mha = nn.MultiheadAttention(16, 2)
+        sub = MyLinear(16, 16)
+        lazy = nn.LazyLinear(8)
+    assert type(mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert type(sub) is MyLinear and type(lazy) is nn.LazyLinear
+    assert mha.out_proj.weight.device.type == "meta"
+
+
+def test_dtype_rules() -> None:
+    with aqlm_quantized(CONFIG):
+        explicit = nn.Linear(16, 16, dtype=torch.float16)
+        default = nn.Linear(16, 16)
+    assert explicit.codebooks.dtype is torch.float16 and explicit.scales.dtype is torch.float16
+    assert default.codebooks.dtype is torch.float32 and default.codes.dtype is torch.int8
+    with aqlm_quantized(CONFIG.replace(dtype=torch.bfloat16)):
+        forced = nn.Linear(16, 16, dtype=torch.float16)
+    assert forced.codebooks.dtype is torch.bfloat16 and forced.bias.dtype is torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with aqlm_quantized(CONFIG):
+            recorded = nn.Linear(16, 16)
+    finally:
+        torch.set_default_dtype(previous)
+    assert recorded.codebooks.dtype is torch.float64
+
+
+def test_explicit_devices() -> None:
+    with aqlm_quantized(CONFIG, skip=["b"]):
+        model = nn.ModuleDict({"a": nn.Linear(16, 16, device="cpu"), "b": nn.Linear(16, 16, device="cpu")})
+        kept = torch.zeros(3, device="cpu")
+        moved = torch.zeros(3)
+    assert model["a"].codes.device.type == "meta"  # no codes yet: placed when loaded
+    assert model["b"].weight.device.type == "cpu"  # a skipped layer keeps the device it asked for
+    assert kept.device.type == "cpu" and moved.device.type == "meta"
+
+
+def test_init_on_meta_false_keeps_other_tensors_real() -> None:
+    with aqlm_quantized(CONFIG, skip=["lm_head"], init_on_meta=False):
+        model = TinyLM(tie=False)
+    assert model.embed.weight.device.type == "cpu" and model.lm_head.weight.device.type == "cpu"
+    assert model.layers[0]["q"].codes.device.type == "meta"
+
+
+def test_exception_inside_restores_everything() -> None:
+    before = snapshot()
+    with pytest.raises(RuntimeError, match="boom"), aqlm_quantized(CONFIG):
+        nn.Linear(16, 16)
+        raise RuntimeError("boom")
+    assert_restored(before)
+    assert torch.empty(1).device.type == "cpu"
+
+
+def test_exception_inside_model_init_restores_everything() -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+            raise KeyError("half built")
+
+    before = snapshot()
+    with pytest.raises(KeyError), aqlm_quantized(CONFIG):
+        Broken()
+    assert_restored(before)
+
+
+def test_not_divisible_layer_names_path_source_shape_and_suggests_skip() -> None:
+    before = snapshot()
+    with pytest.raises(ValueError) as info, aqlm_quantized(CONFIG):
+        model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 10), nn.Linear(12, 16))
+    message = str(info.value)
+    assert "2 (built at" in message and "test_construction.py" in message
+    assert "in_features=12 is not divisible by in_group_size=8" in message
+    assert "skip" in message and "Linear(16, 10)" not in message  # out_group_size 1 divides 10
+    assert_restored(before)
+    with aqlm_quantized(CONFIG, skip=["2"]):
+        model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(12, 16))
+    assert type(model[0]) is QuantizedLinear and type(model[2]) is nn.Linear
+
+
+def test_unmatched_pattern_warns() -> None:
+    with pytest.warns(UserWarning, match="lm_haed"), aqlm_quantized(CONFIG, skip=["lm_haed"]):
+        TinyLM()
+
+
+def test_nested_blocks_apply_inner_config_inside() -> None:
+    before = snapshot()
+    inner_config = AqlmConfig(num_codebooks=1, nbits_per_codebook=16)
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            with aqlm_quantized(inner_config, skip=["x"]):
+                self.inner = nn.ModuleDict({"x": nn.Linear(16, 16), "y": nn.Linear(16, 16)})
+            self.b = nn.Linear(16, 16)
+
+    with aqlm_quantized(CONFIG):
+        model = Outer()
+    assert model.a.num_codebooks == 2 and model.b.num_codebooks == 2
+    assert model.inner["y"].nbits_per_codebook == 16 and type(model.inner["x"]) is nn.Linear
+    assert_restored(before)
+
+
+def test_same_object_reentered_and_reused() -> None:
+    before = snapshot()
+    context = aqlm_quantized(CONFIG)
+    with context:
+        with context:
+            a = nn.Linear(16, 16)
+        b = nn.Linear(16, 16)
+    with context:
+        c = nn.Linear(16, 16)
+    assert all(type(layer) is QuantizedLinear for layer in (a, b, c))
+    assert_restored(before)
+
+
+def test_wrong_exit_order_is_refused() -> None:
+    first, second = aqlm_quantized(CONFIG), aqlm_quantized(CONFIG)
+    first.__enter__()
+    second.__enter__()
+    with pytest.raises(RuntimeError, match="reverse order"):
+        first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    first.__exit__(None, None, None)
+    assert_restored(snapshot())
+
+
+def test_combines_with_torch_device_meta_and_init_empty_weights_in_any_order() -> None:
+    """The same model in every order (untied: init_empty_weights itself re-creates assigned parameters)."""
+    from accelerate import init_empty_weights
+
+    before = snapshot()
+    reference = None
+    for order in range(4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if order == 0:
+                with torch.device("meta"), aqlm_quantized(CONFIG, skip=["lm_head"]):
+                    model = TinyLM(tie=False)
+            elif order == 1:
+                with aqlm_quantized(CONFIG, skip=["lm_head"]), torch.device("meta"):
+                    model = TinyLM(tie=False)
+            elif order == 2:
+                with init_empty_weights(), aqlm_quantized(CONFIG, skip=["lm_head"]):
+                    model = TinyLM(tie=False)
+            else:
+                with aqlm_quantized(CONFIG, skip=["lm_head"]), init_empty_weights():
+                    model = TinyLM(tie=False)
+        reference = reference or signature(model)
+        assert signature(model) == reference
+    assert_restored(before)
+
+
+def test_other_threads_get_ordinary_layers_while_a_block_is_open() -> None:
+    entered, release = threading.Event(), threading.Event()
+    results: dict[str, nn.Module] = {}
+
+    def inside() -> None:
+        with aqlm_quantized(CONFIG):
+            entered.set()
+            release.wait(5)
+            results["inside"] = nn.Linear(16, 16)
+
+    worker = threading.Thread(target=inside)
+    worker.start()
+    entered.wait(5)
+    results["outside"] = nn.Sequential(nn.Linear(16, 16))
+    release.set()
+    worker.join()
+    assert type(results["inside"]) is QuantizedLinear
+    outside = results["outside"][0]
+    assert type(outside) is nn.Linear and outside.weight.device.type == "cpu"
+    assert_restored(snapshot())
+
+
+def test_asyncio_tasks_are_isolated() -> None:
+    async def build(quantized: bool) -> nn.Module:
+        if quantized:
+            with aqlm_quantized(CONFIG):
+                await asyncio.sleep(0.01)
+                return nn.Linear(16, 16)
+        await asyncio.sleep(0.005)
+        layer = nn.Linear(16, 16)
+        await asyncio.sleep(0.01)
+        return layer
+
+    async def main() -> list[nn.Module]:
+        return await asyncio.gather(build(True), build(False), build(True), build(False))
+
+    layers = asyncio.run(main())
+    assert [type(layer) for layer in layers] == [QuantizedLinear, nn.Linear, QuantizedLinear, nn.Linear]
+    assert layers[1].weight.device.type == "cpu"
+    assert_restored(snapshot())
+
+
+def test_thread_that_dies_inside_a_block_leaves_nothing_behind() -> None:
+    before = snapshot()
+    worker = threading.Thread(target=lambda: aqlm_quantized(CONFIG).__enter__())
+    worker.start()
+    worker.join()
+    assert type(nn.Linear(16, 16)) is nn.Linear
+    with aqlm_quantized(CONFIG):
+        pass
+    assert_restored(before)

@@ -1,0 +1,57 @@
+"""Test helpers: model signatures for equivalence checks and an independent dense oracle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from aqlm import QuantizedLinear
+from torch import nn
+
+
+def signature(model: nn.Module) -> dict[str, Any]:
+    """Everything the three construction paths must agree on: paths, classes, parameters and ties."""
+    modules = [(path, type(module).__name__) for path, module in model.named_modules(remove_duplicate=False)]
+    params = [
+        (name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad)
+        for name, p in model.named_parameters(remove_duplicate=False)
+    ]
+    buffers = [(name, tuple(b.shape), b.dtype, b.device.type) for name, b in model.named_buffers(remove_duplicate=False)]
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    ties = sorted(sorted(names) for names in owners.values() if len(names) > 1)
+    return {"modules": modules, "parameters": params, "buffers": buffers, "ties": ties}
+
+
+def quantized_paths(model: nn.Module) -> set[str]:
+    return {path for path, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+
+
+def linear_paths(model: nn.Module) -> set[str]:
+    return {path for path, module in model.named_modules() if type(module) is nn.Linear}
+
+
+def dense_weight(layer: QuantizedLinear) -> torch.Tensor:
+    """The layer's weight, dequantized with explicit loops over codebooks (independent of aqlm and aqlm_ctx)."""
+    codes = layer.codes.long() % layer.codebook_size
+    out_groups, in_groups, num_codebooks = codes.shape
+    _, _, og, ig = layer.codebooks.shape
+    weight = torch.zeros(out_groups, in_groups, og, ig, dtype=torch.float64)
+    for c in range(num_codebooks):
+        weight += layer.codebooks[c].double()[codes[:, :, c]]
+    weight *= layer.scales.double()
+    return weight.permute(0, 2, 1, 3).reshape(out_groups * og, in_groups * ig)
+
+
+def fill_random_(layer: QuantizedLinear, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> None:
+    """Materialise an empty QuantizedLinear on CPU with random codes, codebooks, scales and bias."""
+    for name, param in list(layer.named_parameters(recurse=False)):
+        if name == "codes":
+            low, high = -(2 ** (layer.nbits_per_codebook - 1)), 2 ** (layer.nbits_per_codebook - 1)
+            value = torch.randint(low, high, param.shape, generator=generator, dtype=torch.int64).to(param.dtype)
+        elif name == "scales":
+            value = torch.rand(param.shape, generator=generator, dtype=torch.float64).to(dtype) + 0.5
+        else:
+            value = (torch.randn(param.shape, generator=generator, dtype=torch.float64) * 0.1).to(dtype)
+        setattr(layer, name, nn.Parameter(value, requires_grad=False))
