@@ -4,6 +4,7 @@ from .config import AqlmConfig, as_config
 from .construction import aqlm_quantized
 from .decorators import quantize_model
 from .matching import SkipMatcher
+from .summary import ModelSummary, summarize
 from .visitor import replace_linear_layers, replace_with_aqlm_linear
 
 __all__ = [
@@ -16,4 +17,7 @@ __all__ = [
     "quantize_model",
     "replace_linear_layers",
     "replace_with_aqlm_linear",
+    # inspecting
+    "ModelSummary",
+    "summarize",
 ]

@@ -91,18 +91,19 @@ class _Block:
             original_linear_init(module, in_features, out_features, bias, device=built_on, dtype=dtype)
             return
         module.__class__ = QuantizedLinear
-        QuantizedLinear.__init__(
-            module,
-            in_features,
-            out_features,
-            in_group_size=config.in_group_size,
-            out_group_size=config.out_group_size,
-            num_codebooks=config.num_codebooks,
-            nbits_per_codebook=config.nbits_per_codebook,
-            bias=bias,
-            device="meta",
-            dtype=config.dtype or dtype,
-        )
+        with torch._C.DisableTorchFunction():  # every tensor below names its device: skip Python modes, for speed
+            QuantizedLinear.__init__(
+                module,
+                in_features,
+                out_features,
+                in_group_size=config.in_group_size,
+                out_group_size=config.out_group_size,
+                num_codebooks=config.num_codebooks,
+                nbits_per_codebook=config.nbits_per_codebook,
+                bias=bias,
+                device="meta",
+                dtype=config.dtype or dtype,
+            )
         install_kernels(module)
 
     def note_registration(self, parent: nn.Module, child: nn.Module) -> None:
@@ -277,7 +278,7 @@ class _Patches:
     def acquire(self) -> None:
         with self.lock:
             self._forget_dead_threads()
-            if not self.holders:
+            if self.original is None:
                 self.original = vars(nn.Linear)["__init__"]
                 nn.Linear.__init__ = wrapt.FunctionWrapper(self.original, _linear_init_wrapper)  # type: ignore[method-assign]
                 self.hook = nn.modules.module.register_module_module_registration_hook(_registration_hook)
@@ -291,7 +292,7 @@ class _Patches:
             if not self.holders[thread]:
                 del self.holders[thread]
             self._forget_dead_threads()
-            if not self.holders:
+            if not self.holders and self.original is not None:
                 nn.Linear.__init__ = self.original  # type: ignore[method-assign]
                 self.hook.remove()
                 self.original = self.hook = None

@@ -15,7 +15,13 @@ from aqlm_ctx import AqlmConfig, aqlm_quantized, quantize_model, replace_linear_
 from .utils import linear_paths, quantized_paths, signature
 
 CONFIG = AqlmConfig(num_codebooks=2, nbits_per_codebook=8)
-SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128}
+SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 128,
+}
 
 ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),
@@ -67,7 +73,7 @@ def test_context_decorator_visitor_agree(name: str, tie: bool, skip: list[str]) 
 
 
 def transformers_replace(model: nn.Module, skip: list[str]) -> None:
-    import transformers.quantizers  # noqa: F401  (5.x needs this before the integration imports)
+    import transformers.quantizers
     from transformers.integrations.aqlm import replace_with_aqlm_linear
 
     theirs = transformers.AqlmConfig(num_codebooks=2, nbits_per_codebook=8)

@@ -103,7 +103,9 @@ def test_prefix_makes_paths_absolute() -> None:
     assert id(MODEL.lm_head) in found.skipped
 
 
-@pytest.mark.parametrize(("pattern", "error"), [("", ValueError), ("re:[", ValueError), (3, TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    ("pattern", "error"), [("", ValueError), ("re:[", ValueError), (3, TypeError), (None, TypeError)]
+)
 def test_bad_patterns(pattern: object, error: type) -> None:
     with pytest.raises(error, match="skip"):
         SkipMatcher([pattern])  # type: ignore[list-item]

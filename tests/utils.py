@@ -16,7 +16,9 @@ def signature(model: nn.Module) -> dict[str, Any]:
         (name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad)
         for name, p in model.named_parameters(remove_duplicate=False)
     ]
-    buffers = [(name, tuple(b.shape), b.dtype, b.device.type) for name, b in model.named_buffers(remove_duplicate=False)]
+    buffers = [
+        (name, tuple(b.shape), b.dtype, b.device.type) for name, b in model.named_buffers(remove_duplicate=False)
+    ]
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)

@@ -93,5 +93,4 @@ def install_kernels(layer: nn.Module) -> None:
 
     This also undoes a kernel choice aqlm cached earlier (for instance by a forward on the meta device).
     """
-    for name, value in (("gemv_op", AqlmMatmul), ("gemm_op", AqlmMatmul), ("use_gemv_rule", _any_size)):
-        setattr(layer, name, value)
+    layer.__dict__.update(gemv_op=AqlmMatmul, gemm_op=AqlmMatmul, use_gemv_rule=_any_size)
