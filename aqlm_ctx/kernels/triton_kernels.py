@@ -25,6 +25,9 @@ SUPPORTED_FORMATS: dict[tuple[int, int], torch.dtype] = {
     (1, 65536): torch.int16,
 }
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16)
+# Above these token counts aqlm's stock path (dequantize the weight, then cuBLAS) measured faster on an H200
+# than our fused kernels, so supports() declines and the dispatcher uses it (BENCHMARKS.md, "GPU kernels").
+MAX_TOKENS = {256: 8, 65536: 64}
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,7 +41,9 @@ def _capability_ok(index: int) -> bool:
 
 
 def supports(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
-    """Whether :func:`matmul` handles this layer (CUDA tensors of a covered format; triton installed)."""
+    """Whether :func:`matmul` should handle this call: CUDA tensors of a covered format, triton installed, and
+    a token count where our kernels beat aqlm's stock ones (:data:`MAX_TOKENS`; :func:`matmul` itself is correct
+    for any count)."""
     if not (input.is_cuda and codes.is_cuda and codebooks.is_cuda):
         return False
     if input.device != codes.device or input.device != codebooks.device:
@@ -53,6 +58,9 @@ def supports(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) 
     if SUPPORTED_FORMATS.get((num_codebooks, codebook_size)) != codes.dtype:
         return False
     if codes.shape[2] != num_codebooks or input.dim() < 1 or input.shape[-1] != codes.shape[1] * in_group_size:
+        return False
+    tokens = input.numel() // max(1, input.shape[-1])
+    if tokens > MAX_TOKENS[codebook_size]:
         return False
     if not _triton_available():
         return False
