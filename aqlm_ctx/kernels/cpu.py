@@ -35,7 +35,7 @@ __all__ = ["LUT_MAX_TOKENS", "GATHER_MAX_TOKENS", "matmul", "supports"]
 #: Up to this many tokens, 256-entry codebooks run through the lookup-table kernels; above, dequantize + F.linear.
 LUT_MAX_TOKENS = 16
 #: Up to this many tokens, large codebooks (1x16) run through the gather kernel; above, dequantize + F.linear.
-GATHER_MAX_TOKENS = 2
+GATHER_MAX_TOKENS = 4
 #: Codebooks with at most this many entries get lookup tables.
 LUT_MAX_CODEBOOK_SIZE = 256
 #: Tokens per tile in the multi-token lookup-table kernel (the innermost table dimension).

@@ -1,0 +1,222 @@
+"""aqlm_ctx's race-free CPU kernels agree with an independent plain-torch dequantization at default threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from aqlm_ctx.kernels import cpu
+
+pytest.importorskip("numba")
+
+
+def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The dense weight, written independently of the library: a loop over codebooks with plain indexing."""
+    num_codebooks, codebook_size, out_group, in_group = codebooks.shape
+    out_groups, in_groups, _ = codes.shape
+    idx = codes.long() % codebook_size
+    groups = torch.zeros(out_groups, in_groups, out_group, in_group, dtype=torch.float64)
+    for c in range(num_codebooks):
+        groups += codebooks[c].double()[idx[:, :, c]]
+    groups = groups * scales.double()
+    return groups.permute(0, 2, 1, 3).reshape(out_groups * out_group, in_groups * in_group)
+
+
+Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+def expected(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` in float64 with the independently dequantized ``W``."""
+    y = x.double() @ dequantize(codes, codebooks, scales).T
+    return y if bias is None else y + bias.double()
+
+
+def make_layer(
+    out_features: int,
+    in_features: int,
+    num_codebooks: int,
+    nbits: int,
+    in_group: int,
+    bias: bool = True,
+    seed: int = 0,
+) -> Layer:
+    """Random codes (full signed range), codebooks, scales and bias for a layer with out_group_size 1."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.int8 if nbits <= 8 else torch.int16
+    info = torch.iinfo(dtype)
+    codes = torch.randint(info.min, info.max + 1, (out_features, in_features // in_group, num_codebooks),
+                          generator=gen, dtype=torch.int64).to(dtype)  # fmt: skip
+    codebooks = torch.randn(num_codebooks, 2**nbits, 1, in_group, generator=gen)
+    scales = torch.rand(out_features, 1, 1, 1, generator=gen) + 0.5
+    b = torch.randn(out_features, generator=gen) if bias else None
+    return codes, codebooks, scales, b
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-3) -> None:
+    """Max absolute error within ``tol`` times the largest reference output."""
+    scale = ref.abs().max().item() + 1e-6
+    err = (y.double() - ref.double()).abs().max().item()
+    assert err <= tol * scale, f"max error {err} vs output scale {scale}"
+
+
+@pytest.mark.parametrize("num_codebooks", [1, 2, 4])
+@pytest.mark.parametrize("in_group", [8, 4])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tokens", [1, 3, 7, 33])
+def test_matches_reference_8bit(num_codebooks: int, in_group: int, bias: bool, tokens: int) -> None:
+    codes, codebooks, scales, b = make_layer(72, 96, num_codebooks, 8, in_group, bias, seed=tokens)
+    codes_before = codes.clone()
+    x = torch.randn(tokens, 96)
+    assert cpu.supports(x, codes, codebooks)
+    y = cpu.matmul(x, codes, codebooks, scales, b)
+    assert y.shape == (tokens, 72) and y.dtype == torch.float32
+    assert_close(y, expected(x, codes, codebooks, scales, b))
+    assert torch.equal(codes, codes_before)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 7])
+@pytest.mark.parametrize("nbits", [16, 12, 4])
+def test_matches_reference_other_sizes(tokens: int, nbits: int) -> None:
+    codes, codebooks, scales, b = make_layer(40, 64, 1, nbits, 8, seed=nbits)
+    codes_before = codes.clone()
+    x = torch.randn(tokens, 64)
+    assert cpu.supports(x, codes, codebooks)
+    assert_close(cpu.matmul(x, codes, codebooks, scales, b), expected(x, codes, codebooks, scales, b))
+    assert torch.equal(codes, codes_before)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_every_path_on_a_tiny_layer(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force each path (lookup table, gather, dequantize) on sizes that are not multiples of the tiles."""
+    codes, codebooks, scales, b = make_layer(19, 24, 3, 8, 4, seed=3)
+    x = torch.randn(tokens, 24)
+    ref = expected(x, codes, codebooks, scales, b)
+    for lut_max in (0, 1000):
+        monkeypatch.setattr(cpu, "LUT_MAX_TOKENS", lut_max)
+        assert_close(cpu.matmul(x, codes, codebooks, scales, b), ref)
+    codes16, codebooks16, scales16, b16 = make_layer(19, 24, 2, 10, 4, seed=4)
+    ref16 = expected(x, codes16, codebooks16, scales16, b16)
+    for gather_max in (0, 1000):
+        monkeypatch.setattr(cpu, "GATHER_MAX_TOKENS", gather_max)
+        assert_close(cpu.matmul(x, codes16, codebooks16, scales16, b16), ref16)
+
+
+def test_3d_and_non_contiguous_input() -> None:
+    codes, codebooks, scales, b = make_layer(64, 128, 2, 8, 8)
+    x3 = torch.randn(2, 5, 128)
+    y3 = cpu.matmul(x3, codes, codebooks, scales, b)
+    assert y3.shape == (2, 5, 64)
+    assert_close(y3.reshape(10, 64), expected(x3.reshape(10, 128), codes, codebooks, scales, b))
+    xt = torch.randn(128, 3).T  # non-contiguous [3, 128]
+    assert not xt.is_contiguous()
+    assert_close(cpu.matmul(xt, codes, codebooks, scales, b), expected(xt, codes, codebooks, scales, b))
+    xs = torch.randn(3, 256)[:, ::2]
+    assert_close(cpu.matmul(xs, codes, codebooks, scales, None), expected(xs, codes, codebooks, scales, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_compute_in_fp32_and_cast_back(dtype: torch.dtype) -> None:
+    codes, codebooks, scales, b = make_layer(32, 64, 2, 8, 8)
+    x = torch.randn(3, 64).to(dtype)
+    cb, sc, bb = codebooks.to(dtype), scales.to(dtype), b.to(dtype)
+    assert cpu.supports(x, codes, cb)
+    y = cpu.matmul(x, codes, cb, sc, bb)
+    assert y.dtype == dtype
+    ref = expected(x.float(), codes, cb.float(), sc.float(), bb.float())
+    assert (y.double() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+def test_unsupported_layouts() -> None:
+    codes, codebooks, _, _ = make_layer(32, 64, 2, 8, 8)
+    x = torch.randn(1, 64)
+    assert not cpu.supports(x, codes, codebooks.reshape(2, 256, 2, 4))  # out_group_size 2
+    assert not cpu.supports(x, codes.int(), codebooks)  # int32 codes
+    assert not cpu.supports(torch.randn(1, 63), codes, codebooks)  # wrong in_features
+    assert not cpu.supports(x, codes, torch.randn(2, 200, 1, 8))  # not a power of two
+    assert not cpu.supports(x, codes, torch.randn(2, 512, 1, 8))  # int8 codes cannot index 512 entries
+
+
+def test_grad_tensors_do_not_break_numpy_views() -> None:
+    codes, codebooks, scales, b = make_layer(16, 32, 2, 8, 8)
+    codebooks.requires_grad_(True)
+    x = torch.randn(2, 32, requires_grad=True)
+    with torch.no_grad():
+        y = cpu.matmul(x, codes, codebooks, scales, b)
+    assert_close(y, expected(x.detach(), codes, codebooks.detach(), scales, b))
+
+
+@pytest.fixture(scope="module")
+def big_layer() -> Layer:
+    return make_layer(4096, 4096, 2, 8, 8, bias=True, seed=7)
+
+
+def test_repeated_calls_at_default_threads_are_exact(big_layer: Layer) -> None:
+    """aqlm's numba kernel returns wrong values on 15-40% of calls with 2 threads; ours never may."""
+    codes, codebooks, scales, b = big_layer
+    codes_before = codes.clone()
+    x = torch.randn(1, 4096)
+    x4 = torch.randn(4, 4096)
+    ref = expected(x, codes, codebooks, scales, b).float()
+    ref4 = expected(x4, codes, codebooks, scales, b).float()
+    tol = 1e-3 * ref.abs().max().item()
+    bad = 0
+    for i in range(200):
+        if i % 10 == 9:
+            bad += int((cpu.matmul(x4, codes, codebooks, scales, b) - ref4).abs().max().item() > tol)
+        else:
+            bad += int((cpu.matmul(x, codes, codebooks, scales, b) - ref).abs().max().item() > tol)
+    assert bad == 0
+    assert torch.equal(codes, codes_before)
+
+
+def test_concurrent_calls_from_four_threads(big_layer: Layer) -> None:
+    codes, codebooks, scales, b = big_layer
+    inputs = [torch.randn(n, 4096) for n in (1, 2, 1, 5)]
+    refs = [expected(x, codes, codebooks, scales, b).float() for x in inputs]
+    errors: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        for _ in range(8):
+            y = cpu.matmul(inputs[k], codes, codebooks, scales, b)
+            err = (y - refs[k]).abs().max().item()
+            if err > 1e-3 * refs[k].abs().max().item():
+                errors.append(f"thread {k}: error {err}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_installed_quantized_linear_end_to_end() -> None:
+    aqlm = pytest.importorskip("aqlm")
+    from aqlm_ctx.kernels import install_kernels
+
+    layer = aqlm.QuantizedLinear(4096, 4096, 8, 1, 2, 8, bias=True)
+    codes, codebooks, scales, b = make_layer(4096, 4096, 2, 8, 8, bias=True, seed=11)
+    with torch.no_grad():
+        layer.codes.copy_(codes)
+        layer.codebooks.copy_(codebooks)
+        layer.scales.copy_(scales)
+        layer.bias.copy_(b)
+    install_kernels(layer)
+    for tokens in (1, 3):
+        x = torch.randn(1, tokens, 4096)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (1, tokens, 4096)
+        assert_close(y[0], expected(x[0], codes, codebooks, scales, b))
+    assert tuple(layer.codes.shape) == (4096, 512, 2)
+    assert torch.equal(layer.codes, codes)
