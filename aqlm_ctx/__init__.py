@@ -3,7 +3,9 @@
 from .config import AqlmConfig, as_config
 from .construction import aqlm_quantized
 from .decorators import quantize_model
+from .loading import from_pretrained, load_checkpoint, load_tensors
 from .matching import SkipMatcher
+from .saving import save_checkpoint
 from .summary import ModelSummary, summarize
 from .visitor import replace_linear_layers, replace_with_aqlm_linear
 
@@ -17,6 +19,11 @@ __all__ = [
     "quantize_model",
     "replace_linear_layers",
     "replace_with_aqlm_linear",
+    # checkpoints
+    "from_pretrained",
+    "load_checkpoint",
+    "load_tensors",
+    "save_checkpoint",
     # inspecting
     "ModelSummary",
     "summarize",

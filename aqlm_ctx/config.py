@@ -50,7 +50,9 @@ def _parse_dtype(value: object) -> torch.dtype | None:
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"AqlmConfig.dtype must name a floating torch dtype such as 'float16', got {value!r}")
     else:
-        raise TypeError(f"AqlmConfig.dtype must be a torch.dtype, a dtype name or None, got {type(value).__name__}")
+        raise TypeError(
+            f"AqlmConfig.dtype must be a torch.dtype, a dtype name or None, got {value!r} ({type(value).__name__})"
+        )
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(
             f"AqlmConfig.dtype must be a floating dtype (float16, bfloat16, float32, float64), got {dtype}"

@@ -1,0 +1,246 @@
+"""The on-disk format of HF-style AQLM checkpoints: which files hold which tensors, read and written safely.
+
+A checkpoint directory holds ``config.json`` (with a ``quantization_config`` block) and either a single
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``. Pickle files (``pytorch_model.bin``) are
+read only when the caller opts in, and then with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "CheckpointFiles",
+    "MappingReader",
+    "TensorReader",
+    "find_checkpoint_files",
+    "open_checkpoint",
+    "write_safetensors",
+]
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Where each tensor of a checkpoint lives."""
+
+    directory: Path
+    weight_map: dict[str, Path]
+    """Tensor name -> the file holding it."""
+    pickle: bool
+    """The files are ``torch.save`` pickles rather than safetensors."""
+
+    @property
+    def files(self) -> list[Path]:
+        """The weight files, each once, in a stable order."""
+        return sorted(set(self.weight_map.values()))
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of all weight files on disk."""
+        return sum(file.stat().st_size for file in self.files)
+
+
+def _corrupt(file: Path, error: Exception) -> ValueError:
+    return ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {error}")
+
+
+def _safetensors_keys(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _corrupt(file, error) from error
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{index} is not a valid shard index (expected a 'weight_map' object): {error}") from error
+    files = {name: index.parent / str(file) for name, file in weight_map.items()}
+    missing = sorted({str(file.name) for file in files.values() if not file.is_file()})
+    if missing:
+        raise FileNotFoundError(f"{index} lists shard files that do not exist: {', '.join(missing)}")
+    return files
+
+
+def find_checkpoint_files(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> CheckpointFiles:
+    """Find the weight files of a checkpoint directory and map every tensor name to its file.
+
+    Args:
+        path: the checkpoint directory.
+        allow_pickle: accept ``pytorch_model.bin`` files when no safetensors exist (read with ``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory, or it holds no weight files (the message lists what it holds).
+        ValueError: only pickle files exist and ``allow_pickle`` is false; a file or index is corrupt.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {os.fspath(path)!r} does not exist or is not a directory")
+    if (directory / SAFETENSORS_INDEX).is_file():
+        weight_map = _read_index(directory / SAFETENSORS_INDEX)
+        for file in set(weight_map.values()):
+            _safetensors_keys(file)  # fail early on a corrupt shard
+        return CheckpointFiles(directory, weight_map, pickle=False)
+    if (directory / SAFETENSORS).is_file():
+        file = directory / SAFETENSORS
+        return CheckpointFiles(directory, {name: file for name in _safetensors_keys(file)}, pickle=False)
+    pickles = [name for name in (PICKLE_INDEX, PICKLE) if (directory / name).is_file()]
+    if pickles:
+        if not allow_pickle:
+            raise ValueError(
+                f"{directory} holds only pickle weights ({pickles[0]}); unpickling can run arbitrary code, so it is "
+                "refused. Convert the checkpoint to safetensors, or pass allow_pickle=True to read it with "
+                "torch.load(weights_only=True)"
+            )
+        if pickles[0] == PICKLE_INDEX:
+            return CheckpointFiles(directory, _read_index(directory / PICKLE_INDEX), pickle=True)
+        file = directory / PICKLE
+        return CheckpointFiles(directory, {name: file for name in _load_pickle(file)}, pickle=True)
+    present = sorted(entry.name for entry in directory.iterdir())
+    raise FileNotFoundError(
+        f"no weights in {directory}: expected {SAFETENSORS} or {SAFETENSORS_INDEX}; found "
+        f"{', '.join(present) if present else 'nothing'}"
+    )
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ValueError(f"{file} could not be read with torch.load(weights_only=True): {error}") from error
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file} does not hold a flat mapping of tensor names to tensors")
+    return dict(state)
+
+
+class TensorReader:
+    """Reads tensors by name from the files of a checkpoint, each file opened once."""
+
+    def __init__(self, files: CheckpointFiles, stack: ExitStack) -> None:
+        self._files = files
+        self._stack = stack
+        self._handles: dict[Path, Any] = {}
+
+    def names(self) -> list[str]:
+        return list(self._files.weight_map)
+
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            if self._files.pickle:
+                self._handles[file] = _load_pickle(file)
+            else:
+                try:
+                    self._handles[file] = self._stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                except (SafetensorError, OSError) as error:
+                    raise _corrupt(file, error) from error
+        return self._handles[file]
+
+    def dtype_and_shape(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The dtype and shape of a tensor without reading its data."""
+        handle = self._handle(self._files.weight_map[name])
+        if self._files.pickle:
+            tensor = handle[name]
+            return tensor.dtype, tuple(tensor.shape)
+        view = handle.get_slice(name)
+        return _SAFETENSORS_DTYPES[view.get_dtype()], tuple(view.get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor's data, on CPU."""
+        file = self._files.weight_map[name]
+        handle = self._handle(file)
+        if self._files.pickle:
+            return handle[name]
+        try:
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise _corrupt(file, error) from error
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class MappingReader:
+    """Reads tensors from an in-memory mapping, with the interface of :class:`TensorReader`."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def dtype_and_shape(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self._tensors[name].dtype, tuple(self._tensors[name].shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+@contextmanager
+def open_checkpoint(files: CheckpointFiles) -> Iterator[TensorReader]:
+    """Open a checkpoint's files for reading; they are closed when the block ends."""
+    with ExitStack() as stack:
+        yield TensorReader(files, stack)
+
+
+def write_safetensors(
+    directory: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int, metadata: Mapping[str, str]
+) -> list[Path]:
+    """Write ``tensors`` as ``model.safetensors`` or, above ``max_shard_bytes``, as indexed shards.
+
+    Returns:
+        The files written.
+    """
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor.detach().contiguous().cpu()
+        shard_bytes += size
+    if len(shards) == 1:
+        save_file(shards[0], directory / SAFETENSORS, metadata=dict(metadata))
+        return [directory / SAFETENSORS]
+    written = []
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file = directory / f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, file, metadata=dict(metadata))
+        written.append(file)
+        weight_map.update(dict.fromkeys(shard, file.name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return [*written, directory / SAFETENSORS_INDEX]

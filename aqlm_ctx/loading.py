@@ -1,0 +1,447 @@
+"""Loading HF-format AQLM checkpoints into skeletons built by aqlm_ctx, for transformers and any other model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from aqlm import QuantizedLinear
+from torch import nn
+
+from .checkpoint import MappingReader, TensorReader, find_checkpoint_files, open_checkpoint
+from .config import AqlmConfig, read_checkpoint_config
+from .construction import aqlm_quantized
+from .kernels import install_kernels
+from .layers import strip_foreign_parameters
+
+__all__ = ["from_pretrained", "load_checkpoint", "load_tensors"]
+
+logger = logging.getLogger(__name__)
+
+DeviceLike = str | int | torch.device
+DeviceMap = str | Mapping[str, DeviceLike]
+_MAX_LISTED = 20
+
+
+def _listing(items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return "\n  " + "\n  ".join(shown) + more
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype  # type: ignore[return-value]
+    parsed = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
+    return parsed
+
+
+@dataclass
+class _Slot:
+    """One tensor of the model, possibly reachable under several names (tied parameters)."""
+
+    names: list[str]
+    tensor: torch.Tensor
+    is_parameter: bool
+    persistent: bool = True
+    owners: list[tuple[nn.Module, str]] = field(default_factory=list)
+
+
+def _slots(model: nn.Module) -> dict[int, _Slot]:
+    slots: dict[int, _Slot] = {}
+    for module_path, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_path}." if module_path else ""
+        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for name, tensor in tensors.items():
+                if tensor is None:
+                    continue
+                slot = slots.setdefault(id(tensor), _Slot([], tensor, kind == "parameter"))
+                if prefix + name not in slot.names:
+                    slot.names.append(prefix + name)
+                    slot.owners.append((module, name))
+                if kind == "buffer" and name in module._non_persistent_buffers_set:
+                    slot.persistent = False
+    return slots
+
+
+def _expected_code_dtype(layer: QuantizedLinear) -> torch.dtype:
+    return torch.int8 if layer.nbits_per_codebook <= 8 else torch.int16
+
+
+def _check_quantized_layers(model: nn.Module, checkpoint_config: AqlmConfig | None) -> list[str]:
+    problems = []
+    for path, layer in model.named_modules():
+        if not isinstance(layer, QuantizedLinear) or checkpoint_config is None:
+            continue
+        ours = AqlmConfig(layer.in_group_size, layer.out_group_size, layer.num_codebooks, layer.nbits_per_codebook)
+        if not ours.same_format(checkpoint_config):
+            problems.append(
+                f"{path}: the model's layer is {ours.format_name} but the checkpoint was quantized with "
+                f"{checkpoint_config.format_name} (in_group_size, out_group_size, num_codebooks, nbits_per_codebook "
+                "must all agree)"
+            )
+    return problems
+
+
+def _tensor_problems(slot: _Slot, source: str, reader: TensorReader | MappingReader, model: nn.Module) -> list[str]:
+    stored_dtype, stored_shape = reader.dtype_and_shape(source)
+    expected = slot.tensor
+    problems = []
+    if stored_shape != tuple(expected.shape):
+        problems.append(
+            f"{source}: shape {list(stored_shape)} in the checkpoint, the model expects {list(expected.shape)}"
+        )
+    module_path, _, name = slot.names[0].rpartition(".")
+    owner = model.get_submodule(module_path)
+    if isinstance(owner, QuantizedLinear) and name == "codes":
+        wanted = _expected_code_dtype(owner)
+        if stored_dtype != wanted:
+            problems.append(
+                f"{source}: codes are {stored_dtype} in the checkpoint, but nbits_per_codebook="
+                f"{owner.nbits_per_codebook} needs {wanted}; the checkpoint was quantized with a different config"
+            )
+    elif expected.is_floating_point() != stored_dtype.is_floating_point:
+        problems.append(f"{source}: dtype {stored_dtype} in the checkpoint, the model expects {expected.dtype}")
+    return problems
+
+
+def _module_devices(model: nn.Module, device_map: Mapping[str, DeviceLike]) -> Callable[[str], torch.device]:
+    resolved = {
+        name: torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        for name, device in device_map.items()
+    }
+    if any(device.type == "disk" for device in resolved.values()):
+        raise ValueError("device_map entries on 'disk' are not supported: give the model more max_memory")
+
+    def device_of(tensor_name: str) -> torch.device:
+        parts = tensor_name.split(".")
+        for end in range(len(parts), -1, -1):
+            prefix = ".".join(parts[:end])
+            if prefix in resolved:
+                return resolved[prefix]
+        raise ValueError(f"device_map places no module that contains {tensor_name!r}")
+
+    return device_of
+
+
+def _infer_device_map(
+    model: nn.Module, device_map: str, max_memory: Mapping[Any, Any] | None, dtype: torch.dtype | None
+) -> dict[str, DeviceLike]:
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(
+            f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential' or a dict, got {device_map!r}"
+        )
+    no_split = getattr(model, "_no_split_modules", None) or []
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(
+            model,
+            max_memory=max_memory,
+            no_split_module_classes=no_split,
+            dtype=dtype,
+            low_zero=device_map == "balanced_low_0",
+        )
+    return dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype))
+
+
+def _assign(slot: _Slot, value: torch.Tensor) -> None:
+    new = nn.Parameter(value, requires_grad=slot.tensor.requires_grad) if slot.is_parameter else value
+    for module, name in slot.owners:
+        if slot.is_parameter:
+            module._parameters[name] = new  # type: ignore[assignment]
+        else:
+            module._buffers[name] = new
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__)
+
+
+def _recompute_transformers_buffers(
+    model: nn.Module, slots: list[_Slot], device_of: Callable[[str], torch.device]
+) -> list[_Slot]:
+    """Let transformers recompute meta non-persistent buffers (rotary ``inv_freq``, ``position_ids``).
+
+    Uses the model's own ``_init_weights``, as transformers' loader does, on the modules that own such buffers and
+    no parameters of their own (so nothing loaded is re-initialised). Returns the slots it could not recompute.
+    """
+    recomputable = [slot for slot in slots if all(not module._parameters for module, _ in slot.owners)]
+    owners = {id(module): module for slot in recomputable for module, _ in slot.owners}
+    for slot in recomputable:
+        _assign(slot, torch.empty_like(slot.tensor, device=device_of(slot.names[0])))
+    for module in owners.values():
+        model._init_weights(module)  # type: ignore[operator]
+    return [slot for slot in slots if slot not in recomputable]
+
+
+def _recompute_by_rebuilding(
+    slots: list[_Slot], rebuild: Callable[[], nn.Module], device_of: Callable[[str], torch.device]
+) -> list[_Slot]:
+    """Take meta non-persistent buffers from a second build whose tensors are real; return those still missing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skip warnings were given by the first build
+        fresh = dict(rebuild().named_buffers(remove_duplicate=False))
+    still = []
+    for slot in slots:
+        value = fresh.get(slot.names[0])
+        if value is None or value.device.type == "meta":
+            still.append(slot)
+        else:
+            _assign(slot, value.to(device_of(slot.names[0])))
+    return still
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    device: DeviceLike | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: Mapping[Any, Any] | None = None,
+    dtype: torch.dtype | str | None = None,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    rebuild: Callable[[], nn.Module] | None = None,
+) -> nn.Module:
+    """Load an HF-format AQLM checkpoint into a skeleton built by aqlm_ctx (or any model with matching names).
+
+    Tensors are read with safetensors (memory-mapped, no pickle) and *replace* the model's (meta) tensors on their
+    target device; tied parameters stay tied. Afterwards every QuantizedLinear runs through aqlm_ctx's kernels (its
+    cached kernel choice is reset), transformers models are tied and get their non-persistent buffers recomputed,
+    and the model is in eval mode.
+
+    Args:
+        model: the skeleton, e.g. built under :class:`aqlm_ctx.aqlm_quantized`.
+        path: the checkpoint directory (``model.safetensors`` or shards with ``model.safetensors.index.json``).
+        device: put everything on this device (default ``"cpu"``).
+        device_map: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` or a dict of module name to
+            device, to spread layers over several GPUs and the CPU (accelerate's placement and hooks).
+        max_memory: per-device memory limits for ``device_map`` (implies ``"auto"`` when given alone).
+        dtype: dtype of floating tensors (codebooks, scales, biases, dense layers); default: the skeleton's.
+        strict: unexpected tensors in the checkpoint are an error (else a warning); missing ones always are.
+        allow_pickle: read ``pytorch_model.bin`` files (with ``torch.load(weights_only=True)``) if no safetensors.
+        rebuild: builds the model again with real non-persistent buffers, for models that are not transformers
+            models and whose buffers were built on meta (``from_pretrained`` passes it).
+
+    Returns:
+        ``model``, loaded.
+
+    Raises:
+        FileNotFoundError: no checkpoint directory or no weights in it.
+        ValueError: missing, unexpected (strict), misshapen or wrongly typed tensors; a checkpoint quantized with a
+            different config; corrupt files; pickle files without ``allow_pickle``; tensors left on meta.
+
+    Example:
+        >>> with aqlm_quantized(AqlmConfig.from_pretrained(path)):
+        ...     model = MyLM(args)  # doctest: +SKIP
+        >>> load_checkpoint(model, path, device="cpu")  # doctest: +SKIP
+    """
+    files = find_checkpoint_files(path, allow_pickle=allow_pickle)
+    try:
+        checkpoint_config: AqlmConfig | None = AqlmConfig.from_dict(read_checkpoint_config(path)[1])
+    except FileNotFoundError:
+        checkpoint_config = None
+    with open_checkpoint(files) as reader:
+        return _load(
+            model, reader, os.fspath(path), checkpoint_config, device, device_map, max_memory, dtype, strict, rebuild
+        )
+
+
+def load_tensors(
+    model: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    device: DeviceLike | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: Mapping[Any, Any] | None = None,
+    dtype: torch.dtype | str | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Like :func:`load_checkpoint`, from an in-memory mapping of checkpoint names to tensors.
+
+    Example:
+        >>> load_tensors(model, aqlm_ctx.testing.random_tensors(model))  # doctest: +SKIP
+    """
+    return _load(model, MappingReader(tensors), "tensors", None, device, device_map, max_memory, dtype, strict, None)
+
+
+def _load(
+    model: nn.Module,
+    reader: TensorReader | MappingReader,
+    source_name: str,
+    checkpoint_config: AqlmConfig | None,
+    device: DeviceLike | None,
+    device_map: DeviceMap | None,
+    max_memory: Mapping[Any, Any] | None,
+    dtype: torch.dtype | str | None,
+    strict: bool,
+    rebuild: Callable[[], nn.Module] | None,
+) -> nn.Module:
+    if device is not None and (device_map is not None or max_memory is not None):
+        raise ValueError("pass either device or device_map/max_memory, not both")
+    target_dtype = _parse_dtype(dtype)
+    problems = _check_quantized_layers(model, checkpoint_config)
+    slots = list(_slots(model).values())
+    names = set(reader.names())
+    sources: dict[int, str] = {}
+    missing: list[str] = []
+    for slot in slots:
+        present = [name for name in slot.names if name in names]
+        if present:
+            sources[id(slot)] = present[0]
+            problems += _tensor_problems(slot, present[0], reader, model)
+        elif slot.persistent and slot.tensor.device.type == "meta":
+            missing.append(" = ".join(slot.names))
+    unexpected = sorted(names - {name for slot in slots for name in slot.names})
+    if missing:
+        problems.append("missing from the checkpoint:" + _listing(missing))
+    if unexpected and strict:
+        problems.append("unexpected in the checkpoint (pass strict=False to ignore):" + _listing(unexpected))
+    if problems:
+        raise ValueError(f"cannot load {source_name} into {type(model).__name__}:" + _listing(problems))
+    if unexpected:
+        logger.warning("ignored %d unexpected tensors in %s:%s", len(unexpected), source_name, _listing(unexpected))
+
+    if device_map is None and max_memory is not None:
+        device_map = "auto"
+    if isinstance(device_map, str):
+        device_map = _infer_device_map(model, device_map, max_memory, target_dtype)
+    if device_map is not None:
+        device_of = _module_devices(model, device_map)
+    else:
+        single = torch.device(device if device is not None else "cpu")
+        device_of = lambda name: single  # noqa: E731
+
+    for slot in slots:
+        source = sources.get(id(slot))
+        if source is None:
+            continue
+        value = reader.read(source)
+        if value.is_floating_point():
+            value = value.to(target_dtype or slot.tensor.dtype)
+        _assign(slot, value.to(device_of(slot.names[0])))
+
+    _finish(model, [s for s in slots if id(s) not in sources and s.tensor.device.type == "meta"], device_of, rebuild)
+    if device_map is not None and len({str(d) for d in device_map.values()}) > 1:
+        from accelerate import dispatch_model
+
+        dispatch_model(model, device_map=dict(device_map))
+    logger.info("loaded %d tensors from %s", len(sources), source_name)
+    return model
+
+
+def _finish(
+    model: nn.Module,
+    unloaded: list[_Slot],
+    device_of: Callable[[str], torch.device],
+    rebuild: Callable[[], nn.Module] | None,
+) -> None:
+    """Recompute buffers the checkpoint does not hold, tie, wire kernels, and make sure nothing stays on meta."""
+    if unloaded and _is_transformers_model(model):
+        unloaded = _recompute_transformers_buffers(model, unloaded, device_of)
+    if unloaded and rebuild is not None:
+        unloaded = _recompute_by_rebuilding(unloaded, rebuild, device_of)
+    if _is_transformers_model(model):
+        model.tie_weights()  # type: ignore[operator]
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            strip_foreign_parameters(module)  # tie_weights must not give a quantized lm_head a weight
+            install_kernels(module)
+    left = [
+        name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.device.type == "meta"
+    ]
+    if left:
+        raise ValueError(
+            "these tensors are still on the meta device after loading (not in the checkpoint and not recomputable); "
+            "build the skeleton with aqlm_quantized(..., init_on_meta=False), register such buffers as persistent, "
+            "or use from_pretrained(path, model_fn=...):" + _listing(left)
+        )
+    model.eval()
+
+
+def _checkpoint_dtype(model_config: Mapping[str, Any]) -> torch.dtype | None:
+    name = model_config.get("torch_dtype") or model_config.get("dtype")
+    return _parse_dtype(name) if isinstance(name, str) and name != "auto" else None
+
+
+def _build_transformers_model(
+    path: Path, model_config: Mapping[str, Any], config: AqlmConfig, dtype: torch.dtype
+) -> nn.Module:
+    import transformers
+
+    architectures = model_config.get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise ValueError(
+            f"{path}/config.json names architecture {architectures or 'none'}, which this transformers "
+            f"({transformers.__version__}) does not export; pass model_fn= to build the model yourself "
+            "(checkpoint code is never executed: no trust_remote_code)"
+        )
+    data = dict(model_config)
+    model_type = str(data.get("model_type", ""))
+    if model_type.endswith("_aqlm"):  # legacy checkpoints: model_type "llama_aqlm" with a top-level "aqlm" block
+        data["model_type"] = model_type.removesuffix("_aqlm")
+        data.pop("aqlm", None)
+        data.pop("auto_map", None)
+    data.pop("quantization_config", None)
+    hf_config = transformers.AutoConfig.for_model(**data)
+    with aqlm_quantized(config):
+        model = model_class._from_config(hf_config, dtype=dtype)
+    generation = path / "generation_config.json"
+    if generation.is_file() and hasattr(model, "generation_config"):
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    return model
+
+
+def from_pretrained(
+    path: str | os.PathLike[str],
+    model_fn: Callable[[], nn.Module] | None = None,
+    **load_kwargs: Any,
+) -> nn.Module:
+    """Build the skeleton of an AQLM checkpoint under :class:`aqlm_quantized` and load it.
+
+    Reads ``config.json`` (its ``quantization_config``, or a legacy top-level ``"aqlm"`` block, and ``torch_dtype``),
+    builds the model with ``model_fn`` or else the transformers class the config names (never code from the
+    checkpoint directory), honours the checkpoint's skip list in both forms (``lm_head.weight`` and ``lm_head``) and
+    loads it with :func:`load_checkpoint`.
+
+    Args:
+        path: the checkpoint directory.
+        model_fn: builds your own architecture (called with no arguments inside the block).
+        load_kwargs: ``device``, ``device_map``, ``max_memory``, ``dtype`` (default: the checkpoint's
+            ``torch_dtype``), ``strict``, ``allow_pickle``, as for :func:`load_checkpoint`.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_checkpoint`, and for a config that is not an AQLM checkpoint.
+
+    Example:
+        >>> model = from_pretrained("Llama-2-7b-AQLM-2Bit-1x16-hf", device="cuda")  # doctest: +SKIP
+    """
+    directory = Path(path)
+    model_config, block = read_checkpoint_config(directory)
+    config = AqlmConfig.from_dict(block)
+    dtype = _parse_dtype(load_kwargs.pop("dtype", None)) or _checkpoint_dtype(model_config) or torch.float32
+    if model_fn is None:
+        model = _build_transformers_model(directory, model_config, config, dtype)
+        rebuild = None
+    else:
+        with aqlm_quantized(config):
+            model = model_fn()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model_fn returned {type(model).__name__}, not a torch.nn.Module")
+
+        def rebuild() -> nn.Module:
+            with aqlm_quantized(config, init_on_meta=False):
+                return model_fn()
+
+    return load_checkpoint(model, directory, dtype=dtype, rebuild=rebuild, **load_kwargs)
