@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
-from .reference import reference_matmul
+from .reference import dequantize_weight, reference_matmul
 
 __all__ = ["AqlmMatmul", "aqlm_matmul", "gpu_kernels_enabled", "install_kernels"]
 
@@ -45,23 +46,14 @@ def _stock_cuda_matmul(
     return kernel(input, codes, codebooks, scales, bias)
 
 
-def aqlm_matmul(
+def _forward_kernel(
     input: torch.Tensor,
     codes: torch.Tensor,
     codebooks: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``input @ W.T + bias`` for the AQLM weight ``W`` that ``codes``, ``codebooks`` and ``scales`` encode.
-
-    Codes are always in the checkpoint layout ``[out_groups, in_groups, num_codebooks]`` and are never modified.
-    When autograd needs gradients, the plain-torch path runs so that every gradient is exact.
-    """
-    if "meta" in (input.device.type, codes.device.type):
-        return _meta_matmul(input, codes, codebooks)
-    needs_grad = torch.is_grad_enabled() and (input.requires_grad or codebooks.requires_grad or scales.requires_grad)
-    if needs_grad:
-        return reference_matmul(input, codes, codebooks, scales, bias)
+    """The fastest correct kernel for these tensors' device, dtype and format (no autograd)."""
     if input.is_cuda:
         if gpu_kernels_enabled():
             from . import triton_kernels
@@ -75,6 +67,55 @@ def aqlm_matmul(
         if cpu.supports(input, codes, codebooks):
             return cpu.matmul(input, codes, codebooks, scales, bias)
     return reference_matmul(input, codes, codebooks, scales, bias)
+
+
+class _MatmulWithInputGrad(torch.autograd.Function):
+    """Fast kernel forward; backward to the input (and bias) through the dequantized weight."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        codes: torch.Tensor,
+        codebooks: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(codes, codebooks, scales)
+        ctx.has_bias = bias is not None
+        with torch.no_grad():
+            return _forward_kernel(input, codes, codebooks, scales, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        codes, codebooks, scales = ctx.saved_tensors
+        grad_input = grad_output @ dequantize_weight(codes, codebooks, scales).to(grad_output.dtype)
+        grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0) if ctx.has_bias else None
+        return grad_input, None, None, None, grad_bias
+
+
+def aqlm_matmul(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``input @ W.T + bias`` for the AQLM weight ``W`` that ``codes``, ``codebooks`` and ``scales`` encode.
+
+    Codes are always in the checkpoint layout ``[out_groups, in_groups, num_codebooks]`` and are never modified.
+    Gradients: to the input and bias through the fast forward kernel and a dequantized backward; to codebooks or
+    scales (when they require grad) through the plain-torch path, so every gradient is exact.
+    """
+    if "meta" in (input.device.type, codes.device.type):
+        return _meta_matmul(input, codes, codebooks)
+    if not torch.is_grad_enabled():
+        return _forward_kernel(input, codes, codebooks, scales, bias)
+    if codebooks.requires_grad or scales.requires_grad:
+        return reference_matmul(input, codes, codebooks, scales, bias)
+    if input.requires_grad or (bias is not None and bias.requires_grad):
+        return _MatmulWithInputGrad.apply(input, codes, codebooks, scales, bias)
+    return _forward_kernel(input, codes, codebooks, scales, bias)
 
 
 class AqlmMatmul:
