@@ -304,7 +304,11 @@ def _load(
             missing.append(" = ".join(slot.names))
     unexpected = sorted(names - {name for slot in slots for name in slot.names})
     if missing:
-        problems.append("missing from the checkpoint:" + _listing(missing))
+        stored_dense = sorted(
+            {name.rsplit(".", 1)[0] for name in missing if name.endswith(".codes") and name[:-6] + ".weight" in names}
+        )
+        hint = f" ({', '.join(stored_dense)} stored dense in the checkpoint: add to skip)" if stored_dense else ""
+        problems.append(f"missing from the checkpoint{hint}:" + _listing(missing))
     if unexpected and strict:
         problems.append("unexpected in the checkpoint (pass strict=False to ignore):" + _listing(unexpected))
     if problems:
