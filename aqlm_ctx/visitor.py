@@ -51,8 +51,17 @@ def _replace(
         )
         for _, module in targets
     ]
-    for (_, module), template in zip(targets, templates, strict=True):
-        make_quantized_in_place(module, template)
+    converted: list[tuple[nn.Module, type[nn.Module], dict[str, Any]]] = []
+    try:
+        for (_, module), template in zip(targets, templates, strict=True):
+            converted.append((module, type(module), dict(vars(module))))
+            make_quantized_in_place(module, template)
+    except BaseException:
+        for module, cls, state in reversed(converted):  # put back every layer already swapped: all or nothing
+            module.__dict__.clear()
+            module.__dict__.update(state)
+            module.__class__ = cls
+        raise
     logger.info(
         "replaced %d Linear layers with QuantizedLinear (%s); %d kept dense by skip",
         len(targets),
