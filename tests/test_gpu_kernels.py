@@ -86,7 +86,9 @@ def test_fake_impl_shape() -> None:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_supports_covered_and_not(fmt: str) -> None:
     codes, codebooks, _ = make_layer(fmt, 32, 64, torch.float16, "cuda")
-    assert triton_kernels.supports(torch.randn(2, 64, device="cuda", dtype=torch.float16), codes, codebooks)
+    low, high = triton_kernels.TOKEN_RANGES[(codebooks.shape[0], codebooks.shape[1])]
+    x = torch.randn(max(low, 1), 64, device="cuda", dtype=torch.float16)
+    assert triton_kernels.supports(x, codes, codebooks) == (low <= high)
     assert not triton_kernels.supports(torch.randn(2, 64, device="cuda"), codes, codebooks)  # fp32 input
     wide = codebooks.new_zeros(codebooks.shape[0], codebooks.shape[1], 1, 16)
     assert not triton_kernels.supports(torch.randn(2, 64, device="cuda", dtype=torch.float16), codes, wide)
@@ -106,7 +108,8 @@ def test_matches_reference(fmt: str, dtype_name: str, tokens: int, with_bias: bo
     codes_before = codes.clone()
     bias = torch.randn(out_features, device="cuda").to(dtype) if with_bias else None
     x = torch.randn(tokens, in_features, device="cuda").to(dtype)
-    covered = tokens <= triton_kernels.MAX_TOKENS[codebooks.shape[1]]
+    low, high = triton_kernels.TOKEN_RANGES[(codebooks.shape[0], codebooks.shape[1])]
+    covered = low <= tokens <= high
     assert triton_kernels.supports(x, codes, codebooks) == covered
     out = triton_kernels.matmul(x, codes, codebooks, scales, bias)
     assert out.shape == (tokens, out_features) and out.dtype == dtype
@@ -169,8 +172,8 @@ def test_quantized_linear_dispatches_to_triton(monkeypatch: pytest.MonkeyPatch) 
     aqlm = pytest.importorskip("aqlm")
     from aqlm_ctx.kernels.dispatch import install_kernels
 
-    layer = aqlm.QuantizedLinear(256, 64, 8, 1, 2, 8, bias=True, device="cuda", dtype=torch.float16)
-    codes, codebooks, scales = make_layer("2x8", 64, 256, torch.float16, "cuda", seed=7)
+    layer = aqlm.QuantizedLinear(256, 64, 8, 1, 1, 16, bias=True, device="cuda", dtype=torch.float16)
+    codes, codebooks, scales = make_layer("1x16", 64, 256, torch.float16, "cuda", seed=7)
     with torch.no_grad():
         layer.codes.copy_(codes)
         layer.codebooks.copy_(codebooks)

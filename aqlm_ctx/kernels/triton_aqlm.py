@@ -8,6 +8,8 @@ codebooks ``[C, 2**nbits, 1, 8]``, scales ``[out, 1, 1, 1]``.
 * ``_aqlm_gemv_kernel`` (1-4 tokens): each program owns ``BO`` output rows and a slice of the input groups,
   gathers the codebook vectors (codebooks of 256 entries stay in L1), multiplies them with the tokens in
   registers and keeps a per-thread fp32 accumulator that is reduced once at the end.
+* ``_aqlm_lut_kernel`` (8-bit codebooks, opt-in via ``Config(bt=-1)``): per-group lookup tables built with
+  ``tl.dot`` and read with ``tl.gather``; correct but measured slower than the gemv kernel, so not the default.
 * ``_aqlm_gemm_kernel`` (more tokens): the same dequantized ``[BO, 8*BI]`` weight tile goes through ``tl.dot``
   (tensor cores) against a ``[BT, 8*BI]`` token tile.
 
@@ -395,12 +397,12 @@ def pick_config(tokens: int, out_features: int, in_groups: int, num_codebooks: i
     if cfg is not None and not (cfg.bt < 0 and _LUT_BROKEN):
         return cfg
     if codebook_size <= 256:
-        if bucket in (1, 4, 8) and not _LUT_BROKEN:
-            return Config(bt=-1, bo=256, bi=32, num_warps=8)
+        # The lookup-table kernel (bt=-1) is correct but measured 4-10x slower than the gemv kernel on an H200
+        # (tl.gather goes through shared memory element by element); it is only used when asked for explicitly.
         if bucket == 1:
             return Config(bt=0, bo=8, bi=32, num_warps=4) if num_codebooks == 2 else Config(0, 32, 32, 4)
-        if bucket in (4, 8):
-            return Config(bt=0, bo=8, bi=8, num_warps=4)
+        if bucket == 4:
+            return Config(bt=0, bo=8, bi=8, num_warps=4) if num_codebooks == 2 else Config(0, 16, 8, 4)
     else:
         if bucket == 1:
             return Config(bt=0, bo=8, bi=64, num_warps=2)
@@ -410,6 +412,8 @@ def pick_config(tokens: int, out_features: int, in_groups: int, num_codebooks: i
         return Config(bt=16, bo=64, bi=8, num_warps=4, num_stages=2)
     if bucket == 64:
         return Config(bt=64, bo=64, bi=8, num_warps=4, num_stages=2)
+    if codebook_size > 256:
+        return Config(bt=128, bo=64, bi=8, num_warps=4, num_stages=2)
     return Config(bt=256, bo=128, bi=8, num_warps=8, num_stages=2)
 
 

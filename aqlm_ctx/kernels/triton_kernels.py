@@ -25,9 +25,14 @@ SUPPORTED_FORMATS: dict[tuple[int, int], torch.dtype] = {
     (1, 65536): torch.int16,
 }
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16)
-# Above these token counts aqlm's stock path (dequantize the weight, then cuBLAS) measured faster on an H200
-# than our fused kernels, so supports() declines and the dispatcher uses it (BENCHMARKS.md, "GPU kernels").
-MAX_TOKENS = {256: 8, 65536: 64}
+# (num_codebooks, codebook_size) -> inclusive token range where our kernels measured faster than aqlm's stock
+# CUDA kernels on an H200 (BENCHMARKS.md, "GPU kernels"). Outside it supports() declines and the dispatcher uses
+# the stock kernels; matmul() itself is correct for any token count and format above.
+TOKEN_RANGES: dict[tuple[int, int], tuple[int, int]] = {
+    (2, 256): (1, 0),  # empty: stock 2x8 was faster everywhere we measured
+    (1, 256): (7, 64),  # stock's dequantize path (>6 tokens) is slow for 1x8
+    (1, 65536): (1, 64),
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,8 +47,8 @@ def _capability_ok(index: int) -> bool:
 
 def supports(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
     """Whether :func:`matmul` should handle this call: CUDA tensors of a covered format, triton installed, and
-    a token count where our kernels beat aqlm's stock ones (:data:`MAX_TOKENS`; :func:`matmul` itself is correct
-    for any count)."""
+    a token count where our kernels beat aqlm's stock ones (:data:`TOKEN_RANGES`; :func:`matmul` itself is
+    correct for any count)."""
     if not (input.is_cuda and codes.is_cuda and codebooks.is_cuda):
         return False
     if input.device != codes.device or input.device != codebooks.device:
@@ -59,8 +64,9 @@ def supports(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) 
         return False
     if codes.shape[2] != num_codebooks or input.dim() < 1 or input.shape[-1] != codes.shape[1] * in_group_size:
         return False
+    low, high = TOKEN_RANGES[(num_codebooks, codebook_size)]
     tokens = input.numel() // max(1, input.shape[-1])
-    if tokens > MAX_TOKENS[codebook_size]:
+    if not low <= tokens <= high:
         return False
     if not _triton_available():
         return False
