@@ -1,5 +1,7 @@
 """aqlm_ctx: build, load and run any PyTorch model as an AQLM model without full-precision weights."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .config import AqlmConfig, as_config
 from .construction import aqlm_quantized
 from .decorators import quantize_model
@@ -9,7 +11,13 @@ from .saving import save_checkpoint
 from .summary import ModelSummary, summarize
 from .visitor import replace_linear_layers, replace_with_aqlm_linear
 
+try:
+    __version__ = version("aqlm-ctx")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     # configuration
     "AqlmConfig",
     "SkipMatcher",
