@@ -55,12 +55,15 @@ def _forward_kernel(
 ) -> torch.Tensor:
     """The fastest correct kernel for these tensors' device, dtype and format (no autograd)."""
     if input.is_cuda:
-        if gpu_kernels_enabled():
-            from . import triton_kernels
+        # aqlm's CUDA extension and Triton launch on the *current* device: make it the tensors' device
+        # (layers spread over several GPUs by a device_map are on other devices than the current one).
+        with torch.cuda.device(input.device):
+            if gpu_kernels_enabled():
+                from . import triton_kernels
 
-            if triton_kernels.supports(input, codes, codebooks):
-                return triton_kernels.matmul(input, codes, codebooks, scales, bias)
-        return _stock_cuda_matmul(input, codes, codebooks, scales, bias)
+                if triton_kernels.supports(input, codes, codebooks):
+                    return triton_kernels.matmul(input, codes, codebooks, scales, bias)
+            return _stock_cuda_matmul(input, codes, codebooks, scales, bias)
     if input.device.type == "cpu":
         from . import cpu
 
