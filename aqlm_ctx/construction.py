@@ -59,6 +59,16 @@ class _BuiltLayer:
     dtype: torch.dtype
     device: torch.device
     source: str
+    placeholder: nn.Parameter | None = None
+    own_bias: nn.Parameter | None = None
+
+    def drop_placeholder(self) -> bool | None:
+        """Remove the stand-in ``weight`` if the module still has it; return its ``requires_grad`` (else ``None``)."""
+        placeholder, self.placeholder = self.placeholder, None
+        if placeholder is None or self.module._parameters.get("weight") is not placeholder:
+            return None
+        del self.module._parameters["weight"]
+        return placeholder.requires_grad
 
 
 @dataclass(eq=False)
@@ -85,7 +95,8 @@ class _Block:
         # Without an explicit device, where torch.device(...) modes and this block's meta default would put it.
         built_on = torch.device(device) if device is not None else torch.empty(0).device
         source = _caller_location()
-        self.layers.append(_BuiltLayer(module, in_features, out_features, dtype, built_on, source))
+        layer = _BuiltLayer(module, in_features, out_features, dtype, built_on, source)
+        self.layers.append(layer)
         if check_divisible(in_features, out_features, config, source) is not None:
             # Not storable in these groups: stays a meta Linear; the block's end skips it or says why it cannot.
             original_linear_init(module, in_features, out_features, bias, device=built_on, dtype=dtype)
@@ -104,6 +115,12 @@ class _Block:
                 device="meta",
                 dtype=config.dtype or dtype,
             )
+            # Until the block ends the layer also has the meta ``weight`` a Linear would have, so model code that
+            # looks for it while building (transformers' tie_weights expands tied names against named_parameters(),
+            # a model freezes a sub-module with requires_grad = False) sees a Linear. Removed by _close.
+            layer.placeholder = nn.Parameter(torch.empty(out_features, in_features, device="meta", dtype=dtype))
+            module._parameters["weight"] = layer.placeholder
+            layer.own_bias = module._parameters["bias"]
         install_kernels(module)
 
     def note_registration(self, parent: nn.Module, child: nn.Module) -> None:
@@ -142,14 +159,41 @@ class _Block:
                 + "\n  ".join(problems)
                 + "\nadd them to skip=[...] to keep them dense"
             )
+        # A layer whose weight was tied to another built layer's (stand-in) weight shares that layer's parameters.
+        placeholders = {id(layer.placeholder): layer for layer in self.layers if layer.placeholder is not None}
+        skipped_ids = {id(layer.module) for layer, _, skipped in decided if skipped}
+        tied_to = {
+            id(layer.module): owner
+            for layer, _, _ in decided
+            if (owner := placeholders.get(id(layer.module._parameters.get("weight")))) not in (None, layer)
+        }
         densified = 0
         for layer, path, skipped in decided:
+            requires_grad = layer.drop_placeholder()
             if skipped:
                 if isinstance(layer.module, QuantizedLinear):
-                    make_dense_in_place(layer.module, layer.device, layer.dtype)
+                    tied_bias = layer.module._parameters.get("bias") is not layer.own_bias
+                    make_dense_in_place(
+                        layer.module, layer.device, layer.dtype, requires_grad is not False, keep_bias=tied_bias
+                    )
                     densified += 1
-            elif foreign := strip_foreign_parameters(layer.module):
+                continue
+            owner = tied_to.get(id(layer.module))
+            if owner is not None and id(owner.module) not in skipped_ids:
+                del layer.module._parameters["weight"]
+                for name in ("codebooks", "codes", "scales"):
+                    layer.module._parameters[name] = owner.module._parameters[name]
+            if foreign := strip_foreign_parameters(layer.module):
                 logger.info("%s: dropped %s assigned to a quantized layer (ties are undone)", path, foreign)
+        for layer, _, _ in decided:  # a dense layer tied to another's weight: the other's final weight
+            owner = tied_to.get(id(layer.module))
+            if owner is not None and isinstance(layer.module, nn.Linear):
+                if isinstance(owner.module, nn.Linear):
+                    layer.module._parameters["weight"] = owner.module._parameters["weight"]
+                else:  # tied to a layer that is quantized: its own dense weight
+                    layer.module._parameters["weight"] = nn.Parameter(
+                        torch.empty(layer.out_features, layer.in_features, device=layer.device, dtype=layer.dtype)
+                    )
         matcher.warn_unused(used, "aqlm_quantized")
         quantized = sum(not skipped for _, _, skipped in decided)
         logger.info(
@@ -316,6 +360,9 @@ class aqlm_quantized:
     When the block ends, skip patterns are applied relative to the model each layer ended up in (the top-most
     module built or attached to inside the block); skipped layers become dense ``nn.Linear`` on meta again, in
     place, keeping a ``weight`` the model tied to them. A pattern that matched no module is reported in a warning.
+    While the block is open each quantized layer also carries a meta ``weight`` stand-in, so model code that looks
+    for it during construction (transformers' tied-weight expansion, freezing a sub-module) works as with a Linear;
+    it is removed when the block ends (layers tied to another layer's weight then share its codes).
 
     Device and dtype: ``device=`` passed to an ``nn.Linear`` is ignored for quantized layers (they have no codes
     until a checkpoint is loaded; :func:`aqlm_ctx.load_checkpoint` places them) and used for skipped ones;
@@ -393,5 +440,9 @@ class aqlm_quantized:
             _pop_thread_mode()
         finally:
             _patches.release()
-        if apply_skips:
-            block.finish(first_roots)
+        try:
+            if apply_skips:
+                block.finish(first_roots)
+        finally:
+            for layer in block.layers:  # layers no root reached, or a failed block: no stand-in weight stays behind
+                layer.drop_placeholder()

@@ -88,18 +88,29 @@ def make_quantized_in_place(module: nn.Linear, template: QuantizedLinear) -> Non
     _become(module, template, _LINEAR_KEYS)
 
 
-def make_dense_in_place(module: QuantizedLinear, device: torch.device, dtype: torch.dtype) -> None:
+def make_dense_in_place(
+    module: QuantizedLinear,
+    device: torch.device,
+    dtype: torch.dtype,
+    requires_grad: bool = True,
+    keep_bias: bool = False,
+) -> None:
     """Turn a QuantizedLinear back into an ``nn.Linear`` built on ``device`` in ``dtype``.
 
-    A ``weight`` parameter assigned to the module meanwhile (a tied embedding) is kept, so ties survive.
+    A ``weight`` parameter assigned to the module meanwhile (a tied embedding) is kept, so ties survive, and so is
+    its ``bias`` with ``keep_bias`` (one tied to another module); new parameters get ``requires_grad`` (``False``
+    when model code froze the layer while it was quantized).
     """
     template = nn.Linear.__new__(nn.Linear)
     original_linear_init(
         template, module.in_features, module.out_features, module.bias is not None, device=device, dtype=dtype
     )
+    template.requires_grad_(requires_grad)
     tied = module._parameters.get("weight")
     if tied is not None:
         template._parameters["weight"] = tied
+    if keep_bias:
+        template._parameters["bias"] = module._parameters.get("bias")
     _become(module, template, _QUANTIZED_KEYS)
 
 

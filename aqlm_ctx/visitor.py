@@ -17,6 +17,17 @@ __all__ = ["replace_linear_layers", "replace_with_aqlm_linear"]
 logger = logging.getLogger(__name__)
 
 
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """Ids of the parameters that more than one module of ``model`` holds (tied parameters)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for module in model.modules():
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                (shared if id(parameter) in seen else seen).add(id(parameter))
+    return shared
+
+
 def _replace(
     model: nn.Module, config: ConfigLike | None, skip: SkipPattern | Iterable[SkipPattern] | None, prefix: str
 ) -> list[nn.Module]:
@@ -51,6 +62,16 @@ def _replace(
         )
         for _, module in targets
     ]
+    shared = _shared_parameters(model)
+    first_with_weight: dict[int, nn.Module] = {}
+    for (_, module), template in zip(targets, templates, strict=True):
+        first = first_with_weight.setdefault(id(module.weight), template)
+        if first is not template:  # layers that share one weight share its codes, codebooks and scales
+            for name in ("codebooks", "codes", "scales"):
+                template._parameters[name] = first._parameters[name]
+        bias = module.bias
+        if bias is not None and id(bias) in shared and bias.dtype == template.bias.dtype:
+            template._parameters["bias"] = bias  # a bias tied to another module (BERT's decoder) stays tied
     converted: list[tuple[nn.Module, type[nn.Module], dict[str, Any]]] = []
     try:
         for (_, module), template in zip(targets, templates, strict=True):
@@ -81,7 +102,8 @@ def replace_linear_layers(
     Exactly ``nn.Linear`` instances are converted (not subclasses), with the same skip semantics as
     :class:`aqlm_ctx.aqlm_quantized`. Each layer keeps its identity (hooks, attributes, every reference to it) and
     gets codebooks and scales in ``config.dtype`` or its weight's dtype; its old weight is released (a weight tied
-    to another module lives on there). The new layers have no codes until a checkpoint is loaded.
+    to another module lives on there). Layers that shared one weight share their codes, codebooks and scales, and a
+    bias tied to another module stays tied. The new layers have no codes until a checkpoint is loaded.
 
     Args:
         model: the model; with real weights or on meta.
