@@ -87,7 +87,9 @@ class _MatmulWithInputGrad(torch.autograd.Function):
         ctx.save_for_backward(codes, codebooks, scales)
         ctx.has_bias = bias is not None
         with torch.no_grad():
-            return _forward_kernel(input, codes, codebooks, scales, bias)
+            output = _forward_kernel(input, codes, codebooks, scales, bias)
+        # A view of a kernel's buffer cannot be modified in place by autograd rules (peft's LoRA adds into it).
+        return output.clone() if output._base is not None else output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
