@@ -43,6 +43,7 @@ from .layers import (
     strip_foreign_parameters,
 )
 from .matching import SkipMatcher
+from .substitutions import substitution_for
 
 __all__ = ["aqlm_quantized"]
 
@@ -304,10 +305,15 @@ def _call_build(
     block.build_linear(module, in_features, out_features, bias, device, dtype)
 
 
-def _registration_hook(parent: nn.Module, name: str, child: nn.Module | None) -> None:
+def _registration_hook(parent: nn.Module, name: str, child: nn.Module | None) -> nn.Module | None:
     block = _innermost_block()
-    if block is not None and child is not None:
-        block.note_registration(parent, child)
+    if block is None or child is None:
+        return None
+    substitution = substitution_for(child)
+    if substitution is not None:
+        child = substitution.build(child)  # its nn.Linear layers are built inside this block: quantized
+    block.note_registration(parent, child)
+    return child
 
 
 class _Patches:
@@ -325,7 +331,7 @@ class _Patches:
             if self.original is None:
                 self.original = vars(nn.Linear)["__init__"]
                 nn.Linear.__init__ = wrapt.FunctionWrapper(self.original, _linear_init_wrapper)  # type: ignore[method-assign]
-                self.hook = nn.modules.module.register_module_module_registration_hook(_registration_hook)
+                self.hook = nn.modules.module.register_module_module_registration_hook(_registration_hook)  # type: ignore[arg-type]
             thread = threading.current_thread()
             self.holders[thread] = self.holders.get(thread, 0) + 1
 

@@ -19,6 +19,7 @@ from .config import AqlmConfig, read_checkpoint_config
 from .construction import aqlm_quantized
 from .kernels import install_kernels
 from .layers import strip_foreign_parameters
+from .substitutions import apply_renames, checkpoint_renames, registered_renames
 
 __all__ = ["from_pretrained", "load_checkpoint", "load_tensors"]
 
@@ -70,6 +71,17 @@ def _slots(model: nn.Module) -> dict[int, _Slot]:
                 if kind == "buffer" and name in module._non_persistent_buffers_set:
                     slot.persistent = False
     return slots
+
+
+def _model_names(stored: list[str], renames: list[tuple[str, str]], problems: list[str]) -> dict[str, str]:
+    """Map the model's tensor names to the checkpoint's, through the renames that the model's modules declare."""
+    by_model_name: dict[str, str] = {}
+    for name in stored:
+        renamed = apply_renames(name, renames)
+        if renamed in by_model_name:
+            problems.append(f"{name} and {by_model_name[renamed]} both map to the model's {renamed}")
+        by_model_name[renamed] = name
+    return by_model_name
 
 
 def _expected_code_dtype(layer: QuantizedLinear) -> torch.dtype:
@@ -292,17 +304,18 @@ def _load(
     target_dtype = _parse_dtype(dtype)
     problems = _check_quantized_layers(model, checkpoint_config)
     slots = list(_slots(model).values())
-    names = set(reader.names())
+    stored = _model_names(reader.names(), checkpoint_renames(model), problems)
+    names = set(stored)
     sources: dict[int, str] = {}
     missing: list[str] = []
     for slot in slots:
         present = [name for name in slot.names if name in names]
         if present:
-            sources[id(slot)] = present[0]
-            problems += _tensor_problems(slot, present[0], reader, model)
+            sources[id(slot)] = stored[present[0]]
+            problems += _tensor_problems(slot, stored[present[0]], reader, model)
         elif slot.persistent and slot.tensor.device.type == "meta":
             missing.append(" = ".join(slot.names))
-    unexpected = sorted(names - {name for slot in slots for name in slot.names})
+    unexpected = sorted(stored[name] for name in names - {name for slot in slots for name in slot.names})
     if missing:
         stored_dense = sorted(
             {name.rsplit(".", 1)[0] for name in missing if name.endswith(".codes") and name[:-6] + ".weight" in names}
@@ -434,6 +447,12 @@ def from_pretrained(
     directory = Path(path)
     model_config, block = read_checkpoint_config(directory)
     config = AqlmConfig.from_dict(block)
+    renames = registered_renames()  # hub skip lists name checkpoint tensors: map them onto module paths
+    config = config.replace(
+        skip=tuple(
+            apply_renames(p, renames) if isinstance(p, str) and not p.startswith("re:") else p for p in config.skip
+        )
+    )
     dtype = _parse_dtype(load_kwargs.pop("dtype", None)) or _checkpoint_dtype(model_config) or torch.float32
     if model_fn is None:
         model = _build_transformers_model(directory, model_config, config, dtype)

@@ -6,11 +6,13 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import ConfigLike, SkipPattern, as_config
 from .layers import check_divisible, make_quantized_in_place, new_quantized_linear
 from .matching import SkipMatcher
+from .substitutions import substitution_for
 
 __all__ = ["replace_linear_layers", "replace_with_aqlm_linear"]
 
@@ -28,6 +30,27 @@ def _shared_parameters(model: nn.Module) -> set[int]:
     return shared
 
 
+def _substitute(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap in the registered substitutions (see :mod:`aqlm_ctx.substitutions`), built on meta.
+
+    Returns:
+        ``(parent, name, original)`` for each swap, to undo it.
+    """
+    replacements: dict[int, nn.Module] = {}
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            substitution = substitution_for(child) if child is not None else None
+            if substitution is None or child is None:
+                continue
+            if id(child) not in replacements:
+                with torch.device("meta"):
+                    replacements[id(child)] = substitution.build(child)
+            parent._modules[name] = replacements[id(child)]
+            swapped.append((parent, name, child))
+    return swapped
+
+
 def _replace(
     model: nn.Module, config: ConfigLike | None, skip: SkipPattern | Iterable[SkipPattern] | None, prefix: str
 ) -> list[nn.Module]:
@@ -36,6 +59,7 @@ def _replace(
         raise TypeError(f"expected a torch.nn.Module to convert, got {type(model).__name__}")
     aqlm_config = as_config(config).with_skip(skip)
     matcher = SkipMatcher(aqlm_config.skip)
+    swapped = _substitute(model)
     found = matcher.resolve(model, prefix)
     matcher.warn_unused(found.used, "replace_linear_layers")
     targets = [
@@ -49,6 +73,8 @@ def _replace(
         if (message := check_divisible(module.in_features, module.out_features, aqlm_config, path or "<root>"))
     ]
     if problems:
+        for parent, name, original in swapped:
+            parent._modules[name] = original
         raise ValueError(
             "cannot quantize these layers with "
             f"in_group_size={aqlm_config.in_group_size}, out_group_size={aqlm_config.out_group_size}:\n  "

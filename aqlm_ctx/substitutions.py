@@ -1,0 +1,216 @@
+"""Module substitutions: build a quantizable module in place of one that stores its weights in another form.
+
+Some architectures keep weights that AQLM checkpoints quantize per layer in a fused form that no ``nn.Linear``
+holds: transformers 5 stores Mixtral's and Qwen2-MoE's experts as two 3-D parameters (``gate_up_proj [E, 2I, H]``,
+``down_proj [E, H, I]``), while AQLM checkpoints hold each expert's ``w1``/``w2``/``w3`` as separate quantized layers.
+
+A :class:`Substitution` names the class to replace, how to build the replacement from the original module, and
+how checkpoint tensor names map onto the replacement (regex renames). Inside :class:`aqlm_ctx.aqlm_quantized` the
+replacement is swapped in the moment the original is attached to its parent (so the original's fused parameters
+live only on meta), and :func:`aqlm_ctx.replace_linear_layers` swaps it in the same way; the replacement's own
+``nn.Linear`` layers are then quantized under the usual skip rules. :func:`aqlm_ctx.load_checkpoint` applies the
+renames of every module in the model that declares ``checkpoint_renames``.
+
+Registered by default (when transformers has them): ``MixtralExperts`` (children ``w1``, ``w3``, ``w2``; renames
+``.block_sparse_moe.`` to ``.mlp.``) and ``Qwen2MoeExperts`` (children ``gate_proj``, ``up_proj``, ``down_proj``).
+Other fused-experts classes with the same layout can be registered with :func:`register_substitution` and
+:func:`fused_experts_substitution`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FusedExperts",
+    "Substitution",
+    "apply_renames",
+    "checkpoint_renames",
+    "fused_experts_substitution",
+    "register_substitution",
+    "registered_renames",
+    "substitution_for",
+]
+
+
+@dataclass(frozen=True)
+class Substitution:
+    """Replace modules of class ``target`` by ``build(original)``.
+
+    Args:
+        target: the exact class to replace (not its subclasses).
+        build: makes the replacement from the original module; the replacement's linear layers must be plain
+            ``nn.Linear`` (they are quantized like any other) and it must compute what the original computes.
+        checkpoint_renames: ``(pattern, replacement)`` regexes mapping checkpoint tensor names to the model's, as
+            ``re.sub`` applies them; they also rename skip patterns read from a checkpoint.
+    """
+
+    target: type[nn.Module]
+    build: Callable[[nn.Module], nn.Module]
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
+
+class FusedExperts(nn.Module):
+    """Per-expert gated MLPs that compute exactly what transformers' fused experts compute.
+
+    Expert ``e`` holds ``gate``, ``up`` and ``down`` linear layers under the names given (Mixtral: ``w1``, ``w3``,
+    ``w2``), so ``gate_up_proj[e] == cat(gate.weight, up.weight)`` and ``down_proj[e] == down.weight``.
+
+    Args:
+        num_experts, hidden_size, intermediate_size: the experts' shape.
+        act_fn: the activation applied to the gate projection.
+        names: child names of the gate, up and down projections.
+        checkpoint_renames: see :class:`Substitution`.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+        checkpoint_renames: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        super().__init__()
+        gate, up, down = names
+        for index in range(num_experts):  # children "0", "1", ...: paths experts.<e>.<name> as in checkpoints
+            expert = nn.ModuleDict(
+                {
+                    gate: nn.Linear(hidden_size, intermediate_size, bias=False),
+                    up: nn.Linear(hidden_size, intermediate_size, bias=False),
+                    down: nn.Linear(intermediate_size, hidden_size, bias=False),
+                }
+            )
+            self.add_module(str(index), expert)
+        self.num_experts = num_experts
+        self.names = names
+        self.act_fn = act_fn
+        self.checkpoint_renames = checkpoint_renames
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, index: int) -> nn.ModuleDict:
+        if not 0 <= index < self.num_experts:
+            raise IndexError(f"expert {index} out of range for {self.num_experts} experts")
+        expert: nn.ModuleDict = self._modules[str(index)]  # type: ignore[assignment]
+        return expert
+
+    def __iter__(self) -> Iterator[nn.ModuleDict]:
+        return (self[index] for index in range(self.num_experts))
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``hidden_states [tokens, hidden]``, the router's ``top_k_index``/``top_k_weights [tokens, k]``."""
+        gate, up, down = self.names
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for index in hit[:, 0].tolist():
+            if index == self.num_experts:  # transformers routes padding to a sentinel expert
+                continue
+            expert = self[index]
+            top_k_pos, token_idx = torch.where(mask[index])
+            state = hidden_states[token_idx]
+            current = self.act_fn(expert[gate](state)) * expert[up](state)
+            current = expert[down](current) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, current.to(final.dtype))
+        return final
+
+
+def fused_experts_substitution(
+    target: type[nn.Module],
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    checkpoint_renames: Iterable[tuple[str, str]] = (),
+) -> Substitution:
+    """A :class:`Substitution` for a transformers fused-experts class (``gate_up_proj``/``down_proj``, [gate; up]).
+
+    Example:
+        >>> register_substitution(fused_experts_substitution(OlmoeExperts))  # doctest: +SKIP
+    """
+    renames = tuple(checkpoint_renames)
+
+    def build(original: nn.Module) -> nn.Module:
+        fused = getattr(original, "gate_up_proj", None)
+        if not isinstance(fused, torch.Tensor) or fused.dim() != 3 or not hasattr(original, "act_fn"):
+            raise TypeError(
+                f"{type(original).__name__} does not have the fused-experts layout this substitution expects "
+                "(a 3-D gate_up_proj [experts, 2 * intermediate, hidden], down_proj and act_fn)"
+            )
+        experts, two_intermediate, hidden = fused.shape
+        return FusedExperts(experts, hidden, two_intermediate // 2, original.act_fn, names, renames)  # type: ignore[arg-type]
+
+    return Substitution(target, build, renames)
+
+
+_REGISTRY: dict[type[nn.Module], Substitution] = {}
+_LOCK = threading.Lock()
+_MIXTRAL_RENAMES = ((r"\.block_sparse_moe\.", ".mlp."),)
+_DEFAULTS = (
+    ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts", ("w1", "w3", "w2"), _MIXTRAL_RENAMES),
+    ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts", ("gate_proj", "up_proj", "down_proj"), ()),
+)
+_defaults_loaded = False
+
+
+def _load_defaults() -> None:
+    global _defaults_loaded
+    with _LOCK:
+        if _defaults_loaded:
+            return
+        _defaults_loaded = True
+        for module_name, class_name, names, renames in _DEFAULTS:
+            try:
+                target = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError):
+                continue  # this transformers has no such class (or no fused experts)
+            _REGISTRY.setdefault(target, fused_experts_substitution(target, names, renames))
+
+
+def register_substitution(substitution: Substitution) -> None:
+    """Register (or replace) the substitution for ``substitution.target``, for all later builds and visits."""
+    if not isinstance(substitution, Substitution):
+        raise TypeError(f"register_substitution takes a Substitution, got {type(substitution).__name__}")
+    _load_defaults()
+    with _LOCK:
+        _REGISTRY[substitution.target] = substitution
+
+
+def substitution_for(module: nn.Module) -> Substitution | None:
+    """The substitution registered for exactly ``type(module)``, if any."""
+    if not _defaults_loaded:
+        _load_defaults()
+    return _REGISTRY.get(type(module))
+
+
+def registered_renames() -> list[tuple[str, str]]:
+    """The checkpoint renames of every registered substitution."""
+    _load_defaults()
+    return [rename for substitution in _REGISTRY.values() for rename in substitution.checkpoint_renames]
+
+
+def checkpoint_renames(model: nn.Module) -> list[tuple[str, str]]:
+    """The ``checkpoint_renames`` that modules of ``model`` declare, each once, in model order."""
+    renames: list[tuple[str, str]] = []
+    for module in model.modules():
+        for rename in getattr(module, "checkpoint_renames", ()):
+            if rename not in renames:
+                renames.append(rename)
+    return renames
+
+
+def apply_renames(name: str, renames: Iterable[tuple[str, str]]) -> str:
+    """``name`` with every ``(pattern, replacement)`` applied in turn with :func:`re.sub`."""
+    for pattern, replacement in renames:
+        name = re.sub(pattern, replacement, name)
+    return name
