@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -128,6 +128,25 @@ class _Block:
         self.parents.setdefault(id(parent), parent)
         self.children.add(id(child))
 
+    @staticmethod
+    def _as_built(layers: dict[int, _BuiltLayer]) -> Callable[[nn.Module], nn.Module]:
+        """Shows callable skip patterns each quantized layer as the meta ``nn.Linear`` the model code asked for."""
+        stand_ins: dict[int, nn.Module] = {}
+
+        def present(module: nn.Module) -> nn.Module:
+            layer = layers.get(id(module))
+            if layer is None or not isinstance(module, QuantizedLinear):
+                return module
+            if id(module) not in stand_ins:
+                stand_in = nn.Linear.__new__(nn.Linear)
+                original_linear_init(
+                    stand_in, layer.in_features, layer.out_features, module.bias is not None, "meta", layer.dtype
+                )
+                stand_ins[id(module)] = stand_in
+            return stand_ins[id(module)]
+
+        return present
+
     def finish(self, first_roots: Iterable[nn.Module] = ()) -> None:
         """Apply the skip patterns to every layer this block built, relative to the model it ended up in.
 
@@ -138,12 +157,13 @@ class _Block:
         roots = [*first_roots, *(m for key, m in self.parents.items() if key not in self.children)]
         roots += [layer.module for layer in self.layers]  # layers attached to nothing are their own roots
         pending = {id(layer.module): layer for layer in self.layers}
+        present = self._as_built(pending) if matcher.has_callables else None
         decided: list[tuple[_BuiltLayer, str, bool]] = []
         used: set[int] = set()
         for root in roots:
             if not pending:
                 break
-            found = matcher.resolve(root)
+            found = matcher.resolve(root, present=present)
             used |= found.used
             for key in [key for key in pending if key in found.modules]:
                 decided.append((pending.pop(key), found.modules[key][0], key in found.skipped))

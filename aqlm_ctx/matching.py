@@ -13,7 +13,8 @@ pattern                     matches the module path ``p`` when
 ``"model.layers.*.mlp"``    the pattern has ``*``, ``?`` or ``[``: :func:`fnmatch.fnmatchcase` on the whole path
                             (``*`` also crosses dots); Unix shell wildcards, not regular expressions
 ``"re:.*\\.(k|v)_proj"``     the rest is a regular expression that must match the whole path
-``callable``                ``pattern(p, module)`` returns true
+``callable``                ``pattern(p, module)`` returns true (layers are shown as the dense ``nn.Linear``
+                            the model code built, also inside ``aqlm_quantized``)
 ==========================  =====================================================================================
 
 Patterns that match no module at all are reported in one warning, so a typo never silently quantizes a layer.
@@ -111,17 +112,28 @@ class SkipMatcher:
         """Indices of the patterns that match this one module path (not looking at its parents)."""
         return [index for index, predicate in enumerate(self._predicates) if predicate(path, module)]
 
-    def resolve(self, root: nn.Module, prefix: str = "") -> Resolution:
+    @property
+    def has_callables(self) -> bool:
+        """Whether any pattern is a callable (the only kind that looks at the module itself)."""
+        return any(callable(pattern) for pattern in self.patterns)
+
+    def resolve(
+        self, root: nn.Module, prefix: str = "", present: Callable[[nn.Module], nn.Module] | None = None
+    ) -> Resolution:
         """Walk ``root`` and decide which modules are skipped.
 
         A module is skipped when any of its paths, or the path of any module containing it, matches a pattern.
         Paths are relative to ``root`` (whose own path is ``prefix``, ``""`` by default).
+
+        Args:
+            present: what callable patterns are shown for a module (the construction context shows a layer it
+                already quantized as the dense ``nn.Linear`` the model code built, as the visitor sees it).
         """
         found = Resolution()
         skipped_paths: set[str] = set()
         for path, module, parent in iter_module_paths(root, prefix):
             found.modules.setdefault(id(module), (path, module))
-            hits = self.matching(path, module)
+            hits = self.matching(path, present(module) if present is not None else module)
             found.used.update(hits)
             if hits or (parent is not None and parent in skipped_paths):
                 skipped_paths.add(path)

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 import torch
 from aqlm import QuantizedLinear
 from hypothesis import HealthCheck, given, settings
@@ -306,14 +305,6 @@ def oracle_matches_any(pattern: str, path: str) -> bool:
     return any(oracle_matches(pattern, ".".join(parts[:end]), nn.Module()) for end in range(len(parts) + 1))
 
 
-CALLABLE_SEES_QUANTIZED = (
-    "aqlm_quantized applies skips when the block ends, after layers were built as QuantizedLinear, so a callable "
-    "pattern receives a QuantizedLinear (not an nn.Linear, no .weight) there, while replace_linear_layers passes "
-    "the nn.Linear: a torchao-style filter `isinstance(module, nn.Linear)` selects different layers in the two ways"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=CALLABLE_SEES_QUANTIZED)
 def test_callable_patterns_see_the_same_module_in_context_and_visitor() -> None:
     """A torchao-style filter ``isinstance(module, nn.Linear)`` must select the same layers both ways."""
     seen: dict[str, list[str]] = {"context": [], "visitor": []}
