@@ -5,8 +5,10 @@ from importlib.metadata import PackageNotFoundError, version
 from .config import AqlmConfig, as_config
 from .construction import aqlm_quantized
 from .decorators import quantize_model
+from .encoding import EncodedLinear, encode_linear
 from .loading import from_pretrained, load_checkpoint, load_tensors
 from .matching import SkipMatcher
+from .quantizing import quantize_weights_
 from .saving import save_checkpoint
 from .summary import ModelSummary, summarize
 from .visitor import replace_linear_layers, replace_with_aqlm_linear
@@ -32,6 +34,10 @@ __all__ = [
     "load_checkpoint",
     "load_tensors",
     "save_checkpoint",
+    # encoding full-precision models
+    "EncodedLinear",
+    "encode_linear",
+    "quantize_weights_",
     # inspecting
     "ModelSummary",
     "summarize",

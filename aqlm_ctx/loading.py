@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
@@ -182,18 +183,63 @@ def _is_transformers_model(model: nn.Module) -> bool:
 def _recompute_transformers_buffers(
     model: nn.Module, slots: list[_Slot], device_of: Callable[[str], torch.device]
 ) -> list[_Slot]:
-    """Let transformers recompute meta non-persistent buffers (rotary ``inv_freq``, ``position_ids``).
+    """Let transformers recompute meta non-persistent buffers (rotary ``inv_freq``, ``position_ids``, ...).
 
-    Uses the model's own ``_init_weights``, as transformers' loader does, on the modules that own such buffers and
-    no parameters of their own (so nothing loaded is re-initialised). Returns the slots it could not recompute.
+    Uses the model's own ``_init_weights`` on the modules that own such buffers, as transformers' loader does.
+    While it runs, those modules' own parameters are swapped for meta stand-ins, so nothing loaded is touched.
+    Returns the slots it did not recompute (left on meta).
     """
-    recomputable = [slot for slot in slots if all(not module._parameters for module, _ in slot.owners)]
-    owners = {id(module): module for slot in recomputable for module, _ in slot.owners}
-    for slot in recomputable:
-        _assign(slot, torch.empty_like(slot.tensor, device=device_of(slot.names[0])))
+    owners = {id(module): module for slot in slots for module, _ in slot.owners}
+    placed: dict[int, tuple[torch.Tensor, int]] = {}
+    for slot in slots:
+        value = torch.empty_like(slot.tensor, device=device_of(slot.names[0]))
+        _assign(slot, value)
+        placed[id(slot)] = (value, value._version)
     for module in owners.values():
-        model._init_weights(module)  # type: ignore[operator]
-    return [slot for slot in slots if slot not in recomputable]
+        loaded = dict(module._parameters)
+        for name, param in loaded.items():
+            if param is not None:
+                module._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                )
+        try:
+            model._init_weights(module)  # type: ignore[operator]
+        finally:
+            module._parameters.update(loaded)
+    still = []
+    for slot in slots:  # written in place (a version bump) or replaced: recomputed; else back to meta
+        module, name = slot.owners[0]
+        value, version = placed[id(slot)]
+        if module._buffers.get(name) is value and value._version == version:
+            _assign(slot, slot.tensor)
+            still.append(slot)
+    return still
+
+
+# Divides every layer, and its codebooks are tiny: for rebuilding a model only for its buffers.
+_ANY_LAYER = AqlmConfig(in_group_size=1, out_group_size=1, num_codebooks=1, nbits_per_codebook=1)
+
+
+def _transformers_rebuild(model: nn.Module) -> Callable[[], nn.Module]:
+    """Builds the same transformers model again with real buffers (linear layers stay empty, on meta)."""
+
+    def rebuild() -> nn.Module:
+        with aqlm_quantized(_ANY_LAYER, init_on_meta=False):
+            return type(model)._from_config(model.config)  # type: ignore[attr-defined]
+
+    return rebuild
+
+
+def _tie_weights(model: nn.Module) -> None:
+    """transformers' ``tie_weights``, with the mapping computed at construction (when every layer had a weight).
+
+    Recomputing it now fails for a quantized tie target, which has no ``weight`` to match.
+    """
+    tie: Callable[..., Any] = model.tie_weights  # type: ignore[assignment]
+    if "recompute_mapping" in inspect.signature(tie).parameters:
+        tie(recompute_mapping=False)
+    else:  # transformers 4
+        tie()
 
 
 def _recompute_by_rebuilding(
@@ -366,10 +412,12 @@ def _finish(
     """Recompute buffers the checkpoint does not hold, tie, wire kernels, and make sure nothing stays on meta."""
     if unloaded and _is_transformers_model(model):
         unloaded = _recompute_transformers_buffers(model, unloaded, device_of)
+        if rebuild is None:
+            rebuild = _transformers_rebuild(model)
     if unloaded and rebuild is not None:
         unloaded = _recompute_by_rebuilding(unloaded, rebuild, device_of)
     if _is_transformers_model(model):
-        model.tie_weights()  # type: ignore[operator]
+        _tie_weights(model)
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             strip_foreign_parameters(module)  # tie_weights must not give a quantized lm_head a weight
