@@ -8,8 +8,9 @@ Paths, chosen per call by :func:`matmul`:
 
 * 256-entry (or smaller) codebooks, out_group_size 1, few tokens: a lookup table ``LUT[j, c, k] = x_j . cb[c, k]``
   per token, then ``y[i] = scale[i] * sum_j sum_c LUT[j, c, codes[i, j, c]]``. One token uses
-  :func:`_lut_gemv_kernel`; several use :func:`_lut_gemm_kernel`, which processes tokens in tiles of 4 with the
-  token dimension innermost in the table.
+  :func:`_lut_gemv_kernel`; several use :func:`_lut_gemm_kernel`, with the token dimension innermost in the
+  table. Within a block of rows, one table row (one input group and codebook) is applied to every row of the
+  block before the next, so the table is read once per block and each row's codes stream through the cache.
 * any codebook size, few tokens, codebooks too large for a table (1x16): :func:`_gather_gemv_kernel` sums the
   code vectors of each row group directly against the input (no table).
 * many tokens (prefill): :func:`_dequantize_kernel` builds the dense weight in parallel, then ``F.linear``.
@@ -38,10 +39,6 @@ LUT_MAX_TOKENS = 16
 GATHER_MAX_TOKENS = 4
 #: Codebooks with at most this many entries get lookup tables.
 LUT_MAX_CODEBOOK_SIZE = 256
-#: Tokens per tile in the multi-token lookup-table kernel (the innermost table dimension).
-_TILE = 4
-#: Bytes of lookup table one tile touches per pass over a row block (fits the L2 cache).
-_CHUNK_BYTES = 256 * 1024
 
 #: Serialises kernel calls: numba's default workqueue threading layer is not safe for concurrent callers.
 _LOCK = threading.Lock()
@@ -58,95 +55,53 @@ if numba is not None:
     @_njit
     def _lut_gemv_kernel(lut: Any, codes: Any, scales: Any, out: Any, rows_per_block: int) -> None:
         # lut [Q * K] (Q = in_groups * num_codebooks), codes [O, Q] unsigned, scales [O], out [O].
+        # Each parallel item owns a block of output rows. Inside it the table row of one q (K floats, in L1) is
+        # applied to every row of the block before moving on, as aqlm's kernel does, so the table is read once
+        # per block and a row's codes cache line serves many consecutive q. Sums run in q order: deterministic.
         n_rows, n_q = codes.shape
         k_size = lut.shape[0] // n_q
         mask = k_size - 1
         n_blocks = (n_rows + rows_per_block - 1) // rows_per_block
-        n8 = n_q // 8 * 8
+        n2 = n_q // 2 * 2
         for blk in numba.prange(n_blocks):
             r0 = blk * rows_per_block
             r1 = min(n_rows, r0 + rows_per_block)
+            acc = np.zeros(r1 - r0, dtype=np.float32)
+            for q in range(0, n2, 2):
+                base0 = q * k_size
+                base1 = base0 + k_size
+                for i in range(r0, r1):
+                    acc[i - r0] += (
+                        lut[base0 + (np.intp(codes[i, q]) & mask)] + lut[base1 + (np.intp(codes[i, q + 1]) & mask)]
+                    )
+            for q in range(n2, n_q):
+                base0 = q * k_size
+                for i in range(r0, r1):
+                    acc[i - r0] += lut[base0 + (np.intp(codes[i, q]) & mask)]
             for i in range(r0, r1):
-                row = codes[i]
-                # Eight independent partial sums keep the adds off one dependency chain.
-                a0 = np.float32(0)
-                a1 = np.float32(0)
-                a2 = np.float32(0)
-                a3 = np.float32(0)
-                a4 = np.float32(0)
-                a5 = np.float32(0)
-                a6 = np.float32(0)
-                a7 = np.float32(0)
-                for q in range(0, n8, 8):
-                    base = q * k_size
-                    a0 += lut[base + (np.intp(row[q]) & mask)]
-                    a1 += lut[base + k_size + (np.intp(row[q + 1]) & mask)]
-                    a2 += lut[base + 2 * k_size + (np.intp(row[q + 2]) & mask)]
-                    a3 += lut[base + 3 * k_size + (np.intp(row[q + 3]) & mask)]
-                    a4 += lut[base + 4 * k_size + (np.intp(row[q + 4]) & mask)]
-                    a5 += lut[base + 5 * k_size + (np.intp(row[q + 5]) & mask)]
-                    a6 += lut[base + 6 * k_size + (np.intp(row[q + 6]) & mask)]
-                    a7 += lut[base + 7 * k_size + (np.intp(row[q + 7]) & mask)]
-                for q in range(n8, n_q):
-                    a0 += lut[q * k_size + (np.intp(row[q]) & mask)]
-                out[i] = (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) * scales[i]
+                out[i] = acc[i - r0] * scales[i]
 
     @_njit
-    def _lut_gemm_kernel(lut: Any, codes: Any, scales: Any, out: Any, rows_per_block: int, q_chunk: int) -> None:
-        # lut [n_tiles, Q * K, 4] (token innermost), codes [O, Q], scales [O], out [T, O] (T <= 4 * n_tiles).
+    def _lut_gemm_kernel(lut: Any, codes: Any, scales: Any, out: Any, rows_per_block: int) -> None:
+        # lut [Q * K, T] (token innermost), codes [O, Q] unsigned, scales [O], out [T, O]. Same order as above.
         n_rows, n_q = codes.shape
-        n_tiles = lut.shape[0]
-        k_size = lut.shape[1] // n_q
-        n_tokens = out.shape[0]
+        n_tokens = lut.shape[1]
+        k_size = lut.shape[0] // n_q
         mask = k_size - 1
         n_blocks = (n_rows + rows_per_block - 1) // rows_per_block
         for blk in numba.prange(n_blocks):
             r0 = blk * rows_per_block
             r1 = min(n_rows, r0 + rows_per_block)
-            acc = np.zeros((n_tiles, r1 - r0, 4), dtype=np.float32)
-            for q0 in range(0, n_q, q_chunk):
-                q1 = min(n_q, q0 + q_chunk)
-                n2 = q0 + (q1 - q0) // 2 * 2
-                for n in range(n_tiles):
-                    tab = lut[n]
-                    for i in range(r0, r1):
-                        row = codes[i]
-                        a0 = np.float32(0)
-                        a1 = np.float32(0)
-                        a2 = np.float32(0)
-                        a3 = np.float32(0)
-                        b0 = np.float32(0)
-                        b1 = np.float32(0)
-                        b2 = np.float32(0)
-                        b3 = np.float32(0)
-                        for q in range(q0, n2, 2):
-                            k = q * k_size + (np.intp(row[q]) & mask)
-                            a0 += tab[k, 0]
-                            a1 += tab[k, 1]
-                            a2 += tab[k, 2]
-                            a3 += tab[k, 3]
-                            k = (q + 1) * k_size + (np.intp(row[q + 1]) & mask)
-                            b0 += tab[k, 0]
-                            b1 += tab[k, 1]
-                            b2 += tab[k, 2]
-                            b3 += tab[k, 3]
-                        for q in range(n2, q1):
-                            k = q * k_size + (np.intp(row[q]) & mask)
-                            a0 += tab[k, 0]
-                            a1 += tab[k, 1]
-                            a2 += tab[k, 2]
-                            a3 += tab[k, 3]
-                        ii = i - r0
-                        acc[n, ii, 0] += a0 + b0
-                        acc[n, ii, 1] += a1 + b1
-                        acc[n, ii, 2] += a2 + b2
-                        acc[n, ii, 3] += a3 + b3
-            for n in range(n_tiles):
-                for t in range(4):
-                    tok = n * 4 + t
-                    if tok < n_tokens:
-                        for i in range(r0, r1):
-                            out[tok, i] = acc[n, i - r0, t] * scales[i]
+            acc = np.zeros((r1 - r0, n_tokens), dtype=np.float32)
+            for q in range(n_q):
+                base = q * k_size
+                for i in range(r0, r1):
+                    k = base + (np.intp(codes[i, q]) & mask)
+                    for t in range(n_tokens):
+                        acc[i - r0, t] += lut[k, t]
+            for t in range(n_tokens):
+                for i in range(r0, r1):
+                    out[t, i] = acc[i - r0, t] * scales[i]
 
     @_njit
     def _gather_gemv_kernel(x: Any, codebooks: Any, codes: Any, scales: Any, out: Any, rows_per_block: int) -> None:
@@ -242,9 +197,9 @@ def _unsigned_codes(codes: torch.Tensor) -> np.ndarray:
 
 
 def _rows_per_block(n_rows: int) -> int:
-    """Rows per parallel work item: a few blocks per numba thread (static scheduling), at least 16 rows."""
+    """Rows per parallel work item: a few blocks per numba thread, 32 to 256 rows (accumulators stay in L1)."""
     n_blocks = max(1, numba.get_num_threads()) * 4
-    return max(16, math.ceil(n_rows / n_blocks))
+    return min(256, max(32, math.ceil(n_rows / n_blocks)))
 
 
 def matmul(
@@ -297,13 +252,11 @@ def matmul(
             with _LOCK:
                 _lut_gemv_kernel(lut.numpy(), flat_codes, sc.numpy(), out.numpy()[0], rows)
         else:
-            n_tiles = -(-n_tokens // _TILE)
-            xp = x if n_tokens == n_tiles * _TILE else F.pad(x, (0, 0, 0, n_tiles * _TILE - n_tokens))
-            lut = torch.matmul(xp.view(-1, in_group_size), cb.view(-1, in_group_size).T)  # [T' * G, C * K]
-            lut = lut.view(n_tiles, _TILE, n_q * codebook_size).transpose(1, 2).contiguous()
-            q_chunk = max(2, _CHUNK_BYTES // (codebook_size * _TILE * 4))
+            # LUT[(j * C + c) * K + k, t] = x_t,j . cb[c, k], token innermost.
+            lut = torch.matmul(x.view(n_tokens, in_groups, in_group_size), cb.view(-1, in_group_size).T)
+            lut = lut.reshape(n_tokens, n_q * codebook_size).T.contiguous()
             with _LOCK:
-                _lut_gemm_kernel(lut.numpy(), flat_codes, sc.numpy(), out.numpy(), rows, q_chunk)
+                _lut_gemm_kernel(lut.numpy(), flat_codes, sc.numpy(), out.numpy(), rows)
     elif not small_codebook and n_tokens <= GATHER_MAX_TOKENS:
         out = torch.empty(n_tokens, out_features, dtype=torch.float32)
         xg = x.contiguous().view(n_tokens, in_groups, in_group_size)
