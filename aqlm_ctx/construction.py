@@ -39,6 +39,7 @@ from .kernels import install_kernels
 from .layers import (
     check_divisible,
     make_dense_in_place,
+    new_quantized_linear,
     original_linear_init,
     strip_foreign_parameters,
 )
@@ -79,6 +80,7 @@ class _Block:
     owner: aqlm_quantized
     layers: list[_BuiltLayer] = field(default_factory=list)
     parents: dict[int, nn.Module] = field(default_factory=dict)
+    templates: dict[tuple[int, int, bool, torch.dtype], QuantizedLinear] = field(default_factory=dict)
     children: set[int] = field(default_factory=set)
 
     def build_linear(
@@ -102,20 +104,8 @@ class _Block:
             # Not storable in these groups: stays a meta Linear; the block's end skips it or says why it cannot.
             original_linear_init(module, in_features, out_features, bias, device=built_on, dtype=dtype)
             return
-        module.__class__ = QuantizedLinear
         with torch._C.DisableTorchFunction():  # every tensor below names its device: skip Python modes, for speed
-            QuantizedLinear.__init__(
-                module,
-                in_features,
-                out_features,
-                in_group_size=config.in_group_size,
-                out_group_size=config.out_group_size,
-                num_codebooks=config.num_codebooks,
-                nbits_per_codebook=config.nbits_per_codebook,
-                bias=bias,
-                device="meta",
-                dtype=config.dtype or dtype,
-            )
+            self._init_quantized(module, in_features, out_features, bias, config.dtype or dtype)
             # Until the block ends the layer also has the meta ``weight`` a Linear would have, so model code that
             # looks for it while building (transformers' tie_weights expands tied names against named_parameters(),
             # a model freezes a sub-module with requires_grad = False) sees a Linear. Removed by _close.
@@ -123,6 +113,30 @@ class _Block:
             module._parameters["weight"] = layer.placeholder
             layer.own_bias = module._parameters["bias"]
         install_kernels(module)
+
+    def _init_quantized(
+        self, module: nn.Module, in_features: int, out_features: int, bias: bool, dtype: torch.dtype
+    ) -> None:
+        """Initialise ``module`` as an empty QuantizedLinear on meta, like ``QuantizedLinear.__init__`` would.
+
+        aqlm's ``__init__`` runs once per layer shape (a template); each layer then gets the template's state with
+        its own containers and fresh meta parameters, which costs a fraction of ``nn.Module.__setattr__``.
+        """
+        key = (in_features, out_features, bias, dtype)
+        template = self.templates.get(key)
+        if template is None:
+            template = self.templates[key] = new_quantized_linear(
+                in_features, out_features, bias, self.owner.config, dtype
+            )
+        state = {key: _fresh(value) for key, value in vars(template).items()}
+        state["_parameters"] = {
+            name: None
+            if param is None
+            else nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
+            for name, param in template._parameters.items()
+        }
+        module.__dict__.update(state)
+        module.__class__ = QuantizedLinear
 
     def note_registration(self, parent: nn.Module, child: nn.Module) -> None:
         self.parents.setdefault(id(parent), parent)
@@ -223,6 +237,11 @@ class _Block:
             config.format_name,
             len(decided) - quantized,
         )
+
+
+def _fresh(value: Any) -> Any:
+    """A module attribute for a new module: containers (parameters, buffers, hooks) copied, others shared."""
+    return value.copy() if isinstance(value, (dict, set)) else value
 
 
 def _where(path: str, layer: _BuiltLayer) -> str:
