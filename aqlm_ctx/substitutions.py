@@ -19,7 +19,6 @@ Other fused-experts classes with the same layout can be registered with :func:`r
 
 from __future__ import annotations
 
-import importlib
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -156,47 +155,43 @@ def fused_experts_substitution(
 _REGISTRY: dict[type[nn.Module], Substitution] = {}
 _LOCK = threading.Lock()
 _MIXTRAL_RENAMES = ((r"\.block_sparse_moe\.", ".mlp."),)
-_DEFAULTS = (
-    ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts", ("w1", "w3", "w2"), _MIXTRAL_RENAMES),
-    ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts", ("gate_proj", "up_proj", "down_proj"), ()),
-)
-_defaults_loaded = False
-
-
-def _load_defaults() -> None:
-    global _defaults_loaded
-    with _LOCK:
-        if _defaults_loaded:
-            return
-        _defaults_loaded = True
-        for module_name, class_name, names, renames in _DEFAULTS:
-            try:
-                target = getattr(importlib.import_module(module_name), class_name)
-            except (ImportError, AttributeError):
-                continue  # this transformers has no such class (or no fused experts)
-            _REGISTRY.setdefault(target, fused_experts_substitution(target, names, renames))
+# Known classes by (module, name): matched on the class of a module being built, so nothing is imported for them.
+_DEFAULTS: dict[tuple[str, str], tuple[tuple[str, str, str], tuple[tuple[str, str], ...]]] = {
+    ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"): (("w1", "w3", "w2"), _MIXTRAL_RENAMES),
+    ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts"): (
+        ("gate_proj", "up_proj", "down_proj"),
+        (),
+    ),
+}
 
 
 def register_substitution(substitution: Substitution) -> None:
     """Register (or replace) the substitution for ``substitution.target``, for all later builds and visits."""
     if not isinstance(substitution, Substitution):
         raise TypeError(f"register_substitution takes a Substitution, got {type(substitution).__name__}")
-    _load_defaults()
     with _LOCK:
         _REGISTRY[substitution.target] = substitution
 
 
 def substitution_for(module: nn.Module) -> Substitution | None:
-    """The substitution registered for exactly ``type(module)``, if any."""
-    if not _defaults_loaded:
-        _load_defaults()
-    return _REGISTRY.get(type(module))
+    """The substitution registered for exactly ``type(module)`` (or known for it by default), if any."""
+    cls = type(module)
+    found = _REGISTRY.get(cls)
+    if found is None:
+        default = _DEFAULTS.get((cls.__module__, cls.__name__))
+        if default is not None:
+            with _LOCK:
+                found = _REGISTRY.setdefault(cls, fused_experts_substitution(cls, *default))
+    return found
 
 
 def registered_renames() -> list[tuple[str, str]]:
-    """The checkpoint renames of every registered substitution."""
-    _load_defaults()
-    return [rename for substitution in _REGISTRY.values() for rename in substitution.checkpoint_renames]
+    """The checkpoint renames of every registered and default substitution (each once)."""
+    renames: list[tuple[str, str]] = []
+    candidates = [s.checkpoint_renames for s in _REGISTRY.values()] + [d[1] for d in _DEFAULTS.values()]
+    for group in candidates:
+        renames.extend(rename for rename in group if rename not in renames)
+    return renames
 
 
 def checkpoint_renames(model: nn.Module) -> list[tuple[str, str]]:

@@ -159,7 +159,7 @@ def big_layer() -> Layer:
 
 
 def test_repeated_calls_at_default_threads_are_exact(big_layer: Layer) -> None:
-    """aqlm's numba kernel returns wrong values on 15-40% of calls with 2 threads; ours never may."""
+    """aqlm's numba kernel returns wrong values on 15-40% of calls with 2 threads; ours: 0 wrong in 1000."""
     codes, codebooks, scales, b = big_layer
     codes_before = codes.clone()
     x = torch.randn(1, 4096)
@@ -168,7 +168,7 @@ def test_repeated_calls_at_default_threads_are_exact(big_layer: Layer) -> None:
     ref4 = expected(x4, codes, codebooks, scales, b).float()
     tol = 1e-3 * ref.abs().max().item()
     bad = 0
-    for i in range(200):
+    for i in range(1000):
         if i % 10 == 9:
             bad += int((cpu.matmul(x4, codes, codebooks, scales, b) - ref4).abs().max().item() > tol)
         else:
