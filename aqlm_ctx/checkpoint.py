@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 __all__ = [
     "CheckpointFiles",
+    "write_text_atomically",
     "MappingReader",
     "TensorReader",
     "find_checkpoint_files",
@@ -213,6 +214,20 @@ def open_checkpoint(files: CheckpointFiles) -> Iterator[TensorReader]:
         yield TensorReader(files, stack)
 
 
+def write_text_atomically(file: Path, text: str) -> None:
+    """Write ``file`` through a temporary file and a rename, so readers never see it half written."""
+    temporary = file.with_name(f".{file.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, file)
+
+
+def _save_atomically(tensors: dict[str, torch.Tensor], file: Path, metadata: Mapping[str, str]) -> None:
+    # A model loaded from this very file may still map it: a new inode leaves that mapping intact.
+    temporary = file.with_name(f".{file.name}.tmp")
+    save_file(tensors, temporary, metadata=dict(metadata))
+    os.replace(temporary, file)
+
+
 def write_safetensors(
     directory: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int, metadata: Mapping[str, str]
 ) -> list[Path]:
@@ -231,16 +246,16 @@ def write_safetensors(
         shards[-1][name] = tensor.detach().contiguous().cpu()
         shard_bytes += size
     if len(shards) == 1:
-        save_file(shards[0], directory / SAFETENSORS, metadata=dict(metadata))
+        _save_atomically(shards[0], directory / SAFETENSORS, metadata)
         return [directory / SAFETENSORS]
     written = []
     weight_map = {}
     for number, shard in enumerate(shards, start=1):
         file = directory / f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, file, metadata=dict(metadata))
+        _save_atomically(shard, file, metadata)
         written.append(file)
         weight_map.update(dict.fromkeys(shard, file.name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_text_atomically(directory / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
     return [*written, directory / SAFETENSORS_INDEX]

@@ -13,7 +13,7 @@ import torch
 from aqlm import QuantizedLinear
 from torch import nn
 
-from .checkpoint import write_safetensors
+from .checkpoint import write_safetensors, write_text_atomically
 from .config import AqlmConfig
 
 __all__ = ["save_checkpoint"]
@@ -145,7 +145,7 @@ def save_checkpoint(
         "linear_weights_not_to_quantize": _dense_weights(model),
     }
     files = write_safetensors(directory, tensors, limit, {"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    write_text_atomically(directory / "config.json", json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(generation, "save_pretrained"):
         generation.save_pretrained(directory)

@@ -212,3 +212,17 @@ def test_summary_and_inspect_counts(tmp_path: Path) -> None:
     bits = sum(m.in_features * m.out_features * 2 + 2 * 256 * 8 * 16 + m.out_features * 16 for m in layers)
     assert summary.bits_per_weight == pytest.approx(bits / weights)
     assert summary.compression > 1
+
+
+def test_saving_over_the_checkpoint_a_model_was_loaded_from(tmp_path: Path) -> None:
+    """Loaded codes may map the checkpoint file: overwriting it must not change (or crash) the loaded model."""
+    dense = tiny_llama(tie=False)
+    write_llama_checkpoint(tmp_path, dense, FORMATS["2x8"], dtype=torch.float32)
+    model = from_pretrained(tmp_path)
+    with torch.no_grad():
+        before = model(TOKENS).logits
+    save_checkpoint(model, tmp_path, overwrite=True)
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS).logits, before)
+        assert torch.equal(from_pretrained(tmp_path)(TOKENS).logits, before)
+    assert not list(tmp_path.glob(".*.tmp"))
