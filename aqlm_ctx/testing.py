@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from aqlm import QuantizedLinear
 from torch import nn
 
-__all__ = ["random_tensors"]
+__all__ = ["model_signature", "random_tensors"]
 
 
 def random_tensors(model: nn.Module, seed: int = 0, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -53,3 +54,25 @@ def random_tensors(model: nn.Module, seed: int = 0, dtype: torch.dtype | None = 
             value = (torch.randn(tuple(tensor.shape), generator=generator) * 0.02).to(float_dtype)
         tensors[name] = value
     return tensors
+
+
+def model_signature(model: nn.Module) -> dict[str, Any]:
+    """What two builds of the same model must agree on: module paths and classes, parameters and buffers (names,
+    shapes, dtypes, devices, ``requires_grad``) and which parameters are tied (the same object).
+
+    Example:
+        >>> assert model_signature(built_in_context) == model_signature(converted_by_visitor)  # doctest: +SKIP
+    """
+    modules = [(path, type(module).__name__) for path, module in model.named_modules(remove_duplicate=False)]
+    params = [
+        (name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad)
+        for name, p in model.named_parameters(remove_duplicate=False)
+    ]
+    buffers = [
+        (name, tuple(b.shape), b.dtype, b.device.type) for name, b in model.named_buffers(remove_duplicate=False)
+    ]
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    ties = sorted(sorted(names) for names in owners.values() if len(names) > 1)
+    return {"modules": modules, "parameters": params, "buffers": buffers, "ties": ties}

@@ -48,7 +48,7 @@ from torch import nn
 
 import aqlm_ctx
 from aqlm_ctx import AqlmConfig, aqlm_quantized, quantize_model, replace_linear_layers
-from aqlm_ctx.testing import random_tensors
+from aqlm_ctx.testing import model_signature, random_tensors
 
 RESULTS = Path(__file__).parent / "results" / "architectures.json"
 MATRIX = RESULTS.with_suffix(".md")
@@ -312,21 +312,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def signature(model: nn.Module) -> dict[str, Any]:
-    """What the three construction paths must agree on (the same as ``tests/utils.signature``)."""
-    modules = [(path, type(module).__name__) for path, module in model.named_modules(remove_duplicate=False)]
-    params = [
-        (name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad)
-        for name, p in model.named_parameters(remove_duplicate=False)
-    ]
-    buffers = [
-        (name, tuple(b.shape), b.dtype, b.device.type) for name, b in model.named_buffers(remove_duplicate=False)
-    ]
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
-    ties = sorted(sorted(names) for names in owners.values() if len(names) > 1)
-    return {"modules": modules, "parameters": params, "buffers": buffers, "ties": ties}
+signature = model_signature
 
 
 def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from aqlm import QuantizedLinear
 from torch import nn
 
+from aqlm_ctx.testing import model_signature
 
-def signature(model: nn.Module) -> dict[str, Any]:
-    """Everything the three construction paths must agree on: paths, classes, parameters and ties."""
-    modules = [(path, type(module).__name__) for path, module in model.named_modules(remove_duplicate=False)]
-    params = [
-        (name, tuple(p.shape), p.dtype, p.device.type, p.requires_grad)
-        for name, p in model.named_parameters(remove_duplicate=False)
-    ]
-    buffers = [
-        (name, tuple(b.shape), b.dtype, b.device.type) for name, b in model.named_buffers(remove_duplicate=False)
-    ]
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
-    ties = sorted(sorted(names) for names in owners.values() if len(names) > 1)
-    return {"modules": modules, "parameters": params, "buffers": buffers, "ties": ties}
+signature = model_signature
 
 
 def quantized_paths(model: nn.Module) -> set[str]:
