@@ -236,10 +236,27 @@ def _tie_weights(model: nn.Module) -> None:
     Recomputing it now fails for a quantized tie target, which has no ``weight`` to match.
     """
     tie: Callable[..., Any] = model.tie_weights  # type: ignore[assignment]
-    if "recompute_mapping" in inspect.signature(tie).parameters:
+    if "recompute_mapping" not in inspect.signature(tie).parameters:
+        tie()  # transformers 4
+        return
+    mapping = getattr(model, "all_tied_weights_keys", None)
+    if not isinstance(mapping, dict):
         tie(recompute_mapping=False)
-    else:  # transformers 4
-        tie()
+        return
+
+    def quantized_owner(name: str) -> bool:
+        try:
+            return isinstance(model.get_submodule(name.rpartition(".")[0]), QuantizedLinear)
+        except AttributeError:
+            return False
+
+    # A quantized layer has no weight to tie to or from (a layer shared by several paths already shares its codes).
+    kept = {t: s for t, s in mapping.items() if not quantized_owner(t) and not quantized_owner(s)}
+    setattr(model, "all_tied_weights_keys", kept)  # noqa: B010 - a plain attribute transformers sets
+    try:
+        tie(recompute_mapping=False)
+    finally:
+        setattr(model, "all_tied_weights_keys", mapping)  # noqa: B010
 
 
 def _recompute_by_rebuilding(
