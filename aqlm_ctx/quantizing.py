@@ -8,14 +8,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from aqlm import QuantizedLinear
 from torch import nn
 
 from .config import ConfigLike, SkipPattern, as_config
 from .encoding import encode_linear
-from .kernels import install_kernels
-from .layers import check_divisible, make_quantized_in_place
-from .matching import SkipMatcher
+from .layers import make_quantized_in_place, new_quantized_linear
+from .visitor import select_linear_layers
 
 __all__ = ["quantize_weights_"]
 
@@ -95,19 +93,8 @@ def quantize_weights_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module to quantize, got {type(model).__name__}")
     aqlm_config = as_config(config).with_skip(skip)
-    matcher = SkipMatcher(aqlm_config.skip)
-    found = matcher.resolve(model)
-    matcher.warn_unused(found.used, "quantize_weights_")
-    targets = {
-        path: module
-        for key, (path, module) in found.modules.items()
-        if type(module) is nn.Linear and key not in found.skipped
-    }
-    problems = [
-        message
-        for path, module in targets.items()
-        if (message := check_divisible(module.in_features, module.out_features, aqlm_config, path or "<root>"))
-    ]
+    selected, problems = select_linear_layers(model, aqlm_config, "quantize_weights_")
+    targets = dict(selected)
     problems += [
         f"{path}: its weight is on the meta device (load real weights first)"
         for path, m in targets.items()
@@ -128,23 +115,15 @@ def quantize_weights_(
             generator=generator,
             **encode_options,
         )
-        template = QuantizedLinear(
-            linear.in_features,
-            linear.out_features,
-            aqlm_config.in_group_size,
-            aqlm_config.out_group_size,
-            aqlm_config.num_codebooks,
-            aqlm_config.nbits_per_codebook,
-            bias=linear.bias is not None,
-            device="meta",
+        template = new_quantized_linear(
+            linear.in_features, linear.out_features, linear.bias is not None, aqlm_config, weight.dtype
         )
         for name, value in zip(("codes", "codebooks", "scales"), encoded, strict=True):
             setattr(template, name, nn.Parameter(value, requires_grad=False))
         if linear.bias is not None:
             bias = linear.bias.detach().to(aqlm_config.dtype or linear.bias.dtype)
             template.bias = nn.Parameter(bias, requires_grad=False)
-        make_quantized_in_place(linear, template)
-        install_kernels(linear)
+        make_quantized_in_place(linear, template)  # the template is wired to aqlm_ctx's kernels
         bar(path)
     logger.info("encoded %d Linear layers as %s", len(targets), aqlm_config.format_name)
     return model

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigLike, SkipPattern, as_config
+from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
 from .layers import check_divisible, make_quantized_in_place, new_quantized_linear
 from .matching import SkipMatcher
 from .substitutions import substitution_for
 
-__all__ = ["replace_linear_layers", "replace_with_aqlm_linear"]
+__all__ = ["replace_linear_layers", "replace_with_aqlm_linear", "select_linear_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +51,19 @@ def _substitute(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     return swapped
 
 
-def _replace(
-    model: nn.Module, config: ConfigLike | None, skip: SkipPattern | Iterable[SkipPattern] | None, prefix: str
-) -> list[nn.Module]:
-    """Convert every selected ``nn.Linear`` of ``model`` in place; return the converted modules."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module to convert, got {type(model).__name__}")
-    aqlm_config = as_config(config).with_skip(skip)
-    matcher = SkipMatcher(aqlm_config.skip)
-    swapped = _substitute(model)
+def select_linear_layers(
+    model: nn.Module, config: AqlmConfig, where: str, prefix: str = ""
+) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
+    """The exact ``nn.Linear`` layers of ``model`` that ``config``'s skip patterns leave to quantize.
+
+    Warns (naming ``where``) about patterns that match no module.
+
+    Returns:
+        ``(path, layer)`` for each selected layer, and a message for each one the groups cannot split.
+    """
+    matcher = SkipMatcher(config.skip)
     found = matcher.resolve(model, prefix)
-    matcher.warn_unused(found.used, "replace_linear_layers")
+    matcher.warn_unused(found.used, where)
     targets = [
         (path, module)
         for key, (path, module) in found.modules.items()
@@ -70,8 +72,20 @@ def _replace(
     problems = [
         message
         for path, module in targets
-        if (message := check_divisible(module.in_features, module.out_features, aqlm_config, path or "<root>"))
+        if (message := check_divisible(module.in_features, module.out_features, config, path or "<root>"))
     ]
+    return targets, problems
+
+
+def _replace(
+    model: nn.Module, config: ConfigLike | None, skip: SkipPattern | Iterable[SkipPattern] | None, prefix: str
+) -> list[nn.Module]:
+    """Convert every selected ``nn.Linear`` of ``model`` in place; return the converted modules."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module to convert, got {type(model).__name__}")
+    aqlm_config = as_config(config).with_skip(skip)
+    swapped = _substitute(model)
+    targets, problems = select_linear_layers(model, aqlm_config, "replace_linear_layers", prefix)
     if problems:
         for parent, name, original in swapped:
             parent._modules[name] = original
@@ -113,7 +127,7 @@ def _replace(
         "replaced %d Linear layers with QuantizedLinear (%s); %d kept dense by skip",
         len(targets),
         aqlm_config.format_name,
-        sum(type(module) is nn.Linear for key, (_, module) in found.modules.items() if key in found.skipped),
+        sum(type(module) is nn.Linear for module in model.modules()),
     )
     return [module for _, module in targets]
 
