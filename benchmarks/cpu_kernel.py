@@ -2,11 +2,11 @@
 
 Run: ``.venv/bin/python benchmarks/cpu_kernel.py`` (writes ``benchmarks/results/cpu_kernel.json``).
 
-Per layer (4096x4096, 1 and 8 tokens): nn.Linear fp32; aqlm's stock 2x8 numba kernel with ONE numba thread (it races
-with more); aqlm's 1x16 path (dequantize + F.linear); ours at default threads (2x8, and 1x16). Whole model: a
-TinyLlama-1.1B-shaped Llama with every decoder Linear as a 2x8 ``aqlm.QuantizedLinear`` (random codes), 8-token
-forward, with (a) our kernels, (b) aqlm stock numba at one thread, (c) 1x16 layers on aqlm's dequantize path.
-"""
+Per layer (4096x4096, 1, 8 and 32 tokens): nn.Linear fp32; aqlm's stock 2x8 numba kernel with ONE numba thread (it
+races with more); aqlm's 1x16 path (dequantize + F.linear); ours at default threads (2x8, and 1x16). Whole model: a
+TinyLlama-1.1B-shaped Llama whose decoder Linears are random ``aqlm.QuantizedLinear`` layers, one 8-token forward,
+in four copies: ours 2x8, aqlm stock 2x8 numba at one thread, aqlm 1x16 (dequantize), ours 1x16. Variants run
+round-robin (one call of each per round), so drift of a shared machine's speed hits all of them alike."""
 
 from __future__ import annotations
 
@@ -37,16 +37,19 @@ from aqlm_ctx.kernels import cpu, install_kernels
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_kernel.json"
 
 
-def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median and min wall seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Median and min wall seconds of each function, run round-robin (one call of each per round) so that a
+    machine whose speed drifts (shared VM) affects every variant alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs": repeats}
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "runs": repeats} for name, t in times.items()}
 
 
 @contextmanager
@@ -83,7 +86,7 @@ def bench_layer(repeats: int) -> dict[str, Any]:
     q116 = random_quantized(n, n, 1, 16)
     codes_permuted = q28.codes.permute(1, 0, 2).contiguous()
     out: dict[str, Any] = {}
-    for tokens in (1, 8):
+    for tokens in (1, 8, 32):
         row = _bench_layer_tokens(torch.randn(tokens, n), dense, q28, q116, codes_permuted, repeats)
         out[f"tokens_{tokens}"] = row
         print(f"layer 4096x4096, {tokens} tokens:", json.dumps(row, indent=1), flush=True)
@@ -99,19 +102,21 @@ def _bench_layer_tokens(
     repeats: int,
 ) -> dict[str, Any]:
     """All per-layer variants for one input."""
-    row: dict[str, Any] = {}
-    with torch.no_grad():
-        row["nn_linear_fp32"] = timeit(lambda: dense(x), repeats)
+
+    def aqlm_2x8_one_thread() -> torch.Tensor:
         with numba_threads(1):
-            row["aqlm_2x8_numba_1thread"] = timeit(
-                lambda: numba_gemm_lut(x, codes_permuted, q28.codebooks, q28.scales, None), repeats
-            )
-        row["aqlm_1x16_dequantize"] = timeit(
-            lambda: dequantize_gemm(x, q116.codes, q116.codebooks, q116.scales, None), max(3, repeats // 4)
-        )
-        row["ours_2x8"] = timeit(lambda: cpu.matmul(x, q28.codes, q28.codebooks, q28.scales, None), repeats)
-        row["ours_1x16"] = timeit(
-            lambda: cpu.matmul(x, q116.codes, q116.codebooks, q116.scales, None), max(3, repeats // 2)
+            return numba_gemm_lut(x, codes_permuted, q28.codebooks, q28.scales, None)
+
+    with torch.no_grad():
+        row: dict[str, Any] = interleaved(
+            {
+                "nn_linear_fp32": lambda: dense(x),
+                "aqlm_2x8_numba_1thread": aqlm_2x8_one_thread,
+                "aqlm_1x16_dequantize": lambda: dequantize_gemm(x, q116.codes, q116.codebooks, q116.scales, None),
+                "ours_2x8": lambda: cpu.matmul(x, q28.codes, q28.codebooks, q28.scales, None),
+                "ours_1x16": lambda: cpu.matmul(x, q116.codes, q116.codebooks, q116.scales, None),
+            },
+            repeats,
         )
     ours = row["ours_2x8"]["median_s"]
     row["ratios"] = {
@@ -157,32 +162,32 @@ def tinyllama(num_codebooks: int, nbits: int) -> nn.Module:
 
 
 def bench_model(repeats: int) -> dict[str, Any]:
+    """One 8-token forward of four copies of the model (ours / aqlm, 2x8 / 1x16), interleaved."""
     torch.manual_seed(0)
     ids = torch.randint(0, 32000, (1, 8))
-    out: dict[str, Any] = {}
-    model = tinyllama(2, 8)
-    layers = [m for m in model.modules() if isinstance(m, aqlm.QuantizedLinear)]
-    with torch.inference_mode():
-        for layer in layers:
-            install_kernels(layer)
-        out["ours_2x8"] = timeit(lambda: model(ids), repeats)
-        print("model ours 2x8:", out["ours_2x8"], flush=True)
-        # aqlm stock: forget our ops so aqlm picks (and compiles) its own numba kernel; it permutes codes in place.
-        for layer in layers:
-            layer.gemv_op = layer.gemm_op = layer.use_gemv_rule = None
-        with numba_threads(1):
-            out["aqlm_2x8_numba_1thread"] = timeit(lambda: model(ids), repeats)
-        print("model aqlm 2x8 (numba, 1 thread):", out["aqlm_2x8_numba_1thread"], flush=True)
-    del model, layers
-    model = tinyllama(1, 16)
-    with torch.inference_mode():
-        out["aqlm_1x16_dequantize"] = timeit(lambda: model(ids), max(2, repeats // 2))
-        print("model aqlm 1x16 (dequantize):", out["aqlm_1x16_dequantize"], flush=True)
+    ours_2x8, ours_1x16 = tinyllama(2, 8), tinyllama(1, 16)
+    aqlm_2x8, aqlm_1x16 = tinyllama(2, 8), tinyllama(1, 16)
+    for model in (ours_2x8, ours_1x16):
         for layer in model.modules():
             if isinstance(layer, aqlm.QuantizedLinear):
                 install_kernels(layer)
-        out["ours_1x16"] = timeit(lambda: model(ids), max(2, repeats // 2))
-        print("model ours 1x16:", out["ours_1x16"], flush=True)
+
+    def aqlm_2x8_one_thread() -> Any:
+        # aqlm's own kernel choice (it permutes the codes in place on its first call), one numba thread.
+        with numba_threads(1):
+            return aqlm_2x8(ids)
+
+    with torch.inference_mode():
+        out: dict[str, Any] = interleaved(
+            {
+                "ours_2x8": lambda: ours_2x8(ids),
+                "aqlm_2x8_numba_1thread": aqlm_2x8_one_thread,
+                "aqlm_1x16_dequantize": lambda: aqlm_1x16(ids),
+                "ours_1x16": lambda: ours_1x16(ids),
+            },
+            repeats,
+        )
+    print("model, 8 tokens:", json.dumps(out, indent=1), flush=True)
     ours = out["ours_2x8"]["median_s"]
     out["ratios"] = {
         "aqlm_2x8_1thread_over_ours_2x8": out["aqlm_2x8_numba_1thread"]["median_s"] / ours,
@@ -210,14 +215,14 @@ def machine() -> dict[str, Any]:
         "numba_threads": numba.get_num_threads(),
         "numba_threading_layer_env": os.environ.get("NUMBA_THREADING_LAYER", "default"),
         "lut_max_tokens": cpu.LUT_MAX_TOKENS,
-        "gather_max_tokens": cpu.GATHER_MAX_TOKENS,
+        "lut_token_chunk": cpu.LUT_TOKEN_CHUNK,
     }
 
 
 def main() -> None:
     started = time.time()
     result: dict[str, Any] = {"machine": machine()}
-    result["layer_4096x4096"] = bench_layer(repeats=int(os.environ.get("BENCH_REPEATS", "15")))
+    result["layer_4096x4096"] = bench_layer(repeats=int(os.environ.get("BENCH_REPEATS", "11")))
     result["tinyllama_2x8_8_tokens"] = bench_model(repeats=int(os.environ.get("BENCH_MODEL_REPEATS", "3")))
     result["machine"]["load_average_at_end"] = os.getloadavg()
     result["total_seconds"] = time.time() - started

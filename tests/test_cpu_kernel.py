@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -93,20 +94,50 @@ def test_matches_reference_other_sizes(tokens: int, nbits: int) -> None:
     assert torch.equal(codes, codes_before)
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("tokens", [1, 5, 17, 40])
 def test_every_path_on_a_tiny_layer(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Force each path (lookup table, gather, dequantize) on sizes that are not multiples of the tiles."""
+    """Force each path (lookup tables in token chunks, dequantized row blocks) on sizes that are not multiples of
+    the parts, chunks and blocks."""
     codes, codebooks, scales, b = make_layer(19, 24, 3, 8, 4, seed=3)
     x = torch.randn(tokens, 24)
     ref = expected(x, codes, codebooks, scales, b)
+    monkeypatch.setattr(cpu, "LUT_TOKEN_CHUNK", 3)
+    monkeypatch.setattr(cpu, "DEQUANTIZE_BLOCK_BYTES", 4 * 24 * 5)  # 5 rows per block: 19 = 5 + 5 + 5 + 4
     for lut_max in (0, 1000):
         monkeypatch.setattr(cpu, "LUT_MAX_TOKENS", lut_max)
         assert_close(cpu.matmul(x, codes, codebooks, scales, b), ref)
     codes16, codebooks16, scales16, b16 = make_layer(19, 24, 2, 10, 4, seed=4)
-    ref16 = expected(x, codes16, codebooks16, scales16, b16)
-    for gather_max in (0, 1000):
-        monkeypatch.setattr(cpu, "GATHER_MAX_TOKENS", gather_max)
-        assert_close(cpu.matmul(x, codes16, codebooks16, scales16, b16), ref16)
+    assert_close(cpu.matmul(x, codes16, codebooks16, scales16, b16), expected(x, codes16, codebooks16, scales16, b16))
+
+
+def test_codes_changed_in_place_are_seen_by_the_next_call() -> None:
+    """The input-major copy of the codes is a cache: writing into the codes (load_state_dict, copy_) invalidates it."""
+    codes, codebooks, scales, b = make_layer(64, 128, 2, 8, 8, seed=5)
+    x = torch.randn(2, 128)
+    for tokens in (x[:1], x):
+        assert_close(cpu.matmul(tokens, codes, codebooks, scales, b), expected(tokens, codes, codebooks, scales, b))
+    new_codes, _, _, _ = make_layer(64, 128, 2, 8, 8, seed=6)
+    codes.copy_(new_codes)
+    for tokens in (x[:1], x):
+        assert_close(cpu.matmul(tokens, codes, codebooks, scales, b), expected(tokens, codes, codebooks, scales, b))
+    codes.data = make_layer(64, 128, 2, 8, 8, seed=7)[0]
+    assert_close(cpu.matmul(x, codes, codebooks, scales, b), expected(x, codes, codebooks, scales, b))
+
+
+def test_nbits_below_8_reads_codes_modulo_the_codebook_size() -> None:
+    """Codes store unsigned values; bits above nbits are ignored, as aqlm's reference does (``codes % 2**nbits``)."""
+    codes, codebooks, scales, b = make_layer(32, 64, 2, 4, 8, seed=8)
+    noisy = (codes.long() + 16 * torch.randint(0, 8, codes.shape)).to(torch.int8)
+    x = torch.randn(3, 64)
+    for tokens in (x[:1], x):
+        assert_close(cpu.matmul(tokens, noisy, codebooks, scales, b), expected(tokens, codes, codebooks, scales, b))
+
+
+def test_thread_pool_start_leaves_the_environment_alone() -> None:
+    codes, codebooks, scales, b = make_layer(16, 32, 2, 8, 8)
+    before = dict(os.environ)
+    cpu.matmul(torch.randn(1, 32), codes, codebooks, scales, b)
+    assert dict(os.environ) == before
 
 
 def test_3d_and_non_contiguous_input() -> None:
