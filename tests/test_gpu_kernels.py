@@ -243,3 +243,195 @@ def test_lookup_table_kernel(fmt: str, dtype_name: str, tokens: int) -> None:
     ref = reference(x, codes, codebooks, scales, bias)
     for cfg in (Config(-1, 256, 32, 8), Config(-1, 64, 16, 4, split=1), Config(-1, 128, 64, 4)):
         assert rel_err(launch(x, codes, codebooks, scales, bias, cfg), ref) < TOLERANCE[dtype]
+
+
+# ---------------------------------------------------------------- CUDA C++ decode kernels (2x8, 1x8)
+
+DECODE_FORMATS = ["2x8", "1x8"]
+
+
+def decode_reference(
+    x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """float64 ``x @ W.T + bias`` with ``W`` from aqlm_ctx's plain-torch dequantization."""
+    from aqlm_ctx.kernels.reference import dequantize_weight
+
+    out = x.double() @ dequantize_weight(codes, codebooks.double(), scales.double()).T
+    return out if bias is None else out + bias.double()
+
+
+def test_cuda_decode_build_failure_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No nvcc (or any build error): one warning, then None, never an exception."""
+    import torch.utils.cpp_extension
+
+    from aqlm_ctx.kernels import cuda_kernels
+
+    def broken_load(*args: object, **kwargs: object) -> None:
+        raise OSError("nvcc not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken_load)
+    monkeypatch.setattr(cuda_kernels, "_arch", lambda device: "test")
+    monkeypatch.setattr(cuda_kernels, "_MODULES", {})
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert cuda_kernels.build(torch.device("cuda")) is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cuda_kernels.build(torch.device("cuda")) is None
+
+
+def test_cuda_decode_declines_cpu_tensors() -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+
+    for fmt in DECODE_FORMATS:
+        codes, codebooks, scales = make_layer(fmt, 16, 128, torch.float16, "cpu")
+        assert not cuda_kernels.supports(torch.randn(1, 128, dtype=torch.float16), codes, codebooks, scales, None)
+
+
+def test_cuda_decode_plan() -> None:
+    from aqlm_ctx.kernels.cuda_kernels import X_WINDOW_BYTES, plan
+
+    for tokens in (1, 7, 16, 32):
+        for out_f, groups, c in ((4096, 512, 2), (8192, 3584, 2), (28672, 1024, 1), (300, 80, 1)):
+            splits, per_split, window = plan(tokens, out_f, groups, c, 132)
+            superstep = 64 // c
+            assert per_split % superstep == 0 and window % superstep == 0 and 0 < window <= per_split
+            assert splits == -(-groups // per_split)
+            assert window == superstep or tokens * window * 18 <= X_WINDOW_BYTES
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("tokens", [1, 3, 7, 16, 32])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cuda_decode_matches_reference(fmt: str, dtype_name: str, tokens: int, with_bias: bool) -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+
+    dtype = DTYPES[dtype_name]
+    out_features, in_features = 300, 8 * 80  # a partial row block; a partial superstep in either format
+    codes, codebooks, scales = make_layer(fmt, out_features, in_features, dtype, "cuda", seed=tokens)
+    codes_before = codes.clone()
+    bias = torch.randn(out_features, device="cuda").to(dtype) if with_bias else None
+    x = torch.randn(tokens, in_features, device="cuda").to(dtype)
+    low, high = cuda_kernels.TOKEN_RANGES[codebooks.shape[0]]
+    assert cuda_kernels.supports(x, codes, codebooks, scales, bias) == (low <= tokens <= high)
+    ref = decode_reference(x, codes, codebooks, scales, bias)
+    for splits in (0, 1, 2, 3):
+        out = cuda_kernels.launch(x, codes, codebooks, scales, bias, splits=splits)
+        assert out.shape == (tokens, out_features) and out.dtype == dtype
+        assert rel_err(out, ref) < TOLERANCE[dtype], splits
+    assert rel_err(cuda_kernels.matmul(x, codes, codebooks, scales, bias), ref) < TOLERANCE[dtype]
+    assert torch.equal(codes, codes_before)
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_cuda_decode_large_layer_windows_and_splits(fmt: str, tokens: int) -> None:
+    """Several x windows per split and several splits per row block, against the reference, deterministic."""
+    from aqlm_ctx.kernels import cuda_kernels
+
+    codes, codebooks, scales = make_layer(fmt, 1024, 8192, torch.float16, "cuda", seed=2)
+    bias = torch.randn(1024, device="cuda", dtype=torch.float16)
+    x = torch.randn(tokens, 8192, device="cuda", dtype=torch.float16)
+    ref = decode_reference(x, codes, codebooks, scales, bias)
+    for splits in (1, 5):
+        outs = [cuda_kernels.launch(x, codes, codebooks, scales, bias, splits=splits) for _ in range(10)]
+        assert rel_err(outs[0], ref) < TOLERANCE[torch.float16]
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+def test_cuda_decode_3d_non_contiguous_and_misaligned_inputs(fmt: str) -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+
+    codes, codebooks, scales = make_layer(fmt, 96, 256, torch.bfloat16, "cuda", seed=3)
+    bias = torch.randn(96, device="cuda", dtype=torch.bfloat16)
+    x3 = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16)
+    out = cuda_kernels.matmul(x3, codes, codebooks, scales, bias)
+    ref = decode_reference(x3.reshape(-1, 256), codes, codebooks, scales, bias).view(2, 3, 96)
+    assert out.shape == (2, 3, 96) and rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+    wide = torch.randn(3, 520, device="cuda", dtype=torch.bfloat16)
+    for x in (wide[:, :512:2], wide[:, 1:257], torch.randn(256, 3, device="cuda", dtype=torch.bfloat16).T):
+        assert not x.is_contiguous()
+        assert cuda_kernels.supports(x, codes, codebooks, scales, bias)
+        out = cuda_kernels.matmul(x, codes, codebooks, scales, bias)
+        assert rel_err(out, decode_reference(x, codes, codebooks, scales, bias)) < TOLERANCE[torch.bfloat16]
+    assert cuda_kernels.matmul(x3[:0], codes, codebooks, scales, bias).shape == (0, 3, 96)
+
+
+@requires_cuda
+def test_cuda_decode_declines_what_it_does_not_cover() -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+
+    codes, codebooks, scales = make_layer("2x8", 32, 128, torch.float16, "cuda")
+    x = torch.randn(1, 128, device="cuda", dtype=torch.float16)
+    assert cuda_kernels.supports(x, codes, codebooks, scales, None)
+    assert not cuda_kernels.supports(x.float(), codes, codebooks, scales, None)
+    assert not cuda_kernels.supports(x, codes, codebooks.bfloat16(), scales, None)
+    assert not cuda_kernels.supports(
+        torch.randn(64, 128, device="cuda", dtype=torch.float16), codes, codebooks, scales, None
+    )
+    odd_codes, odd_codebooks, odd_scales = make_layer("2x8", 32, 8 * 12, torch.float16, "cuda")  # 24-byte rows
+    assert not cuda_kernels.supports(x[:, :96], odd_codes, odd_codebooks, odd_scales, None)
+    codes16, codebooks16, scales16 = make_layer("1x16", 32, 128, torch.float16, "cuda")
+    assert not cuda_kernels.supports(x, codes16, codebooks16, scales16, None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+def test_cuda_decode_graph_compile_and_dispatch(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA-graph capture, torch.compile(fullgraph) and dispatch through aqlm.QuantizedLinear."""
+    aqlm = pytest.importorskip("aqlm")
+    from aqlm_ctx.kernels import cuda_kernels
+    from aqlm_ctx.kernels.dispatch import install_kernels
+
+    codes, codebooks, scales = make_layer(fmt, 512, 1024, torch.float16, "cuda", seed=13)
+    bias = torch.randn(512, device="cuda", dtype=torch.float16)
+    static_x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
+    cuda_kernels.matmul(static_x, codes, codebooks, scales, bias)  # build and counters outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = cuda_kernels.matmul(static_x, codes, codebooks, scales, bias)
+    for _ in range(3):
+        static_x.copy_(torch.randn(4, 1024, device="cuda", dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_y, decode_reference(static_x, codes, codebooks, scales, bias)) < 4e-3
+
+    compiled = torch.compile(
+        lambda x: torch.relu(cuda_kernels.matmul(x, codes, codebooks, scales, bias)), fullgraph=True
+    )
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 1024, device="cuda", dtype=torch.float16)
+        ref = torch.relu(decode_reference(x, codes, codebooks, scales, bias))
+        assert rel_err(compiled(x), ref) < 4e-3
+
+    num_codebooks = codebooks.shape[0]
+    layer = aqlm.QuantizedLinear(1024, 512, 8, 1, num_codebooks, 8, bias=True, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        layer.codes.copy_(codes)
+        layer.codebooks.copy_(codebooks)
+        layer.scales.copy_(scales)
+        layer.bias.copy_(bias)
+    install_kernels(layer)
+    calls: list[int] = []
+    real = cuda_kernels.matmul
+    monkeypatch.setattr(cuda_kernels, "matmul", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        out = layer(x)
+    assert calls and rel_err(out, decode_reference(x, codes, codebooks, scales, bias)) < 4e-3
+    monkeypatch.setenv("AQLM_CTX_GPU_KERNELS", "0")
+    with torch.no_grad():
+        stock = layer(x)
+    assert len(calls) == 1 and rel_err(stock, decode_reference(x, codes, codebooks, scales, bias)) < 4e-3
+    monkeypatch.delenv("AQLM_CTX_GPU_KERNELS")
+    monkeypatch.setitem(cuda_kernels._MODULES, cuda_kernels._arch(x.device), None)  # as if the build had failed
+    with torch.no_grad():
+        fallback = layer(x)
+    assert len(calls) == 1 and rel_err(fallback, decode_reference(x, codes, codebooks, scales, bias)) < 4e-3

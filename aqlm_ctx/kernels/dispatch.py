@@ -59,8 +59,10 @@ def _forward_kernel(
         # (layers spread over several GPUs by a device_map are on other devices than the current one).
         with torch.cuda.device(input.device):
             if gpu_kernels_enabled():
-                from . import triton_kernels
+                from . import cuda_kernels, triton_kernels
 
+                if cuda_kernels.supports(input, codes, codebooks, scales, bias):
+                    return cuda_kernels.matmul(input, codes, codebooks, scales, bias)
                 if triton_kernels.supports(input, codes, codebooks):
                     return triton_kernels.matmul(input, codes, codebooks, scales, bias)
             return _stock_cuda_matmul(input, codes, codebooks, scales, bias)
