@@ -1,11 +1,16 @@
-"""Per-layer and end-to-end GPU timings: fp16 nn.Linear vs stock aqlm kernels vs aqlm_ctx's Triton kernels.
+"""Per-layer and end-to-end GPU timings: fp16 nn.Linear vs stock aqlm kernels vs aqlm_ctx's kernels.
+
+Implementations: ``stock`` (aqlm's ``get_forward_pass_kernel``), ``triton`` (aqlm_ctx's Triton kernels, any token
+count), ``cuda`` (aqlm_ctx's CUDA C++ decode kernels, 2x8/1x8, at most 32 tokens) and ``dispatch`` (whatever
+aqlm_ctx's dispatcher picks for the call: the numbers a model sees).
 
 Every timing is a CUDA-graph replay over several copies of the layer (together more than 2x the L2 cache), so
 weights come from DRAM as they do in a real model. Usage (on a CUDA machine, aqlm installed)::
 
     PYTHONPATH=. AQ_USE_JIT=0 python benchmarks/kernels.py --out benchmarks/results/kernels.json
     python benchmarks/kernels.py --plot benchmarks/results/kernels.json   # PNG next to it (matplotlib)
-    PYTHONPATH=. python benchmarks/kernels.py --tune                       # sweep tile configs
+    PYTHONPATH=. python benchmarks/kernels.py --tune                       # sweep Triton tile configs
+    PYTHONPATH=. python benchmarks/kernels.py --tune-cuda --out cuda_splits.json  # sweep CUDA split-K counts
 """
 
 from __future__ import annotations
@@ -112,11 +117,28 @@ def stock_kernel(codebooks: torch.Tensor, tokens: int) -> Callable[..., torch.Te
     return get_forward_pass_kernel(codebooks, tokens > 6)
 
 
+def layer_fn(impl: str, L: dict[str, torch.Tensor], x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One call of ``impl`` on layer ``L`` and input ``x``."""
+    from aqlm_ctx.kernels import cuda_kernels, dispatch, triton_kernels
+
+    codes, codebooks, scales = L["codes"], L["codebooks"], L["scales"]
+    if impl == "stock":
+        kern = stock_kernel(codebooks, x.shape[0])
+        return lambda: kern(x, codes, codebooks, scales, None)
+    if impl == "triton":
+        return lambda: triton_kernels.matmul(x, codes, codebooks, scales, None)
+    if impl == "cuda":
+        if x.shape[0] > cuda_kernels.MAX_TOKENS or codebooks.shape[1] != 256:
+            raise ValueError("not covered by the CUDA decode kernel")
+        return lambda: cuda_kernels.matmul(x, codes, codebooks, scales, None)
+    if impl == "dispatch":
+        return lambda: dispatch._forward_kernel(x, codes, codebooks, scales, None)
+    raise ValueError(impl)
+
+
 def bench_layer(
     out_f: int, in_f: int, tokens: int, l2: int, bw: float, formats: list[str], impls: list[str]
 ) -> dict[str, Any]:
-    from aqlm_ctx.kernels import triton_kernels
-
     dtype = torch.float16
     row: dict[str, Any] = {"out": out_f, "in": in_f, "tokens": tokens}
     io_bytes = tokens * (in_f + out_f) * 2
@@ -136,30 +158,19 @@ def bench_layer(
         for impl in impls:
             key = f"{fmt}_{impl}_us"
             try:
-                if impl == "stock":
-                    kern = stock_kernel(first["codebooks"], tokens)
-                    fns = [
-                        lambda L=L, i=i, kern=kern: kern(xs[i % 2], L["codes"], L["codebooks"], L["scales"], None)
-                        for i, L in enumerate(layers)
-                    ]
-                else:
-                    fns = [
-                        lambda L=L, i=i: triton_kernels.matmul(xs[i % 2], L["codes"], L["codebooks"], L["scales"], None)
-                        for i, L in enumerate(layers)
-                    ]
-                row[key] = graph_time(fns) * 1e6
+                row[key] = graph_time([layer_fn(impl, L, xs[i % 2]) for i, L in enumerate(layers)]) * 1e6
             except Exception as exc:  # record and go on: one failing case must not lose the run
                 row[key] = None
                 row[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                log("ERROR", key, out_f, in_f, tokens, row[f"{key}_error"])
+                if impl != "cuda":
+                    log("ERROR", key, out_f, in_f, tokens, row[f"{key}_error"])
         del layers, first
     torch.cuda.empty_cache()
     return row
 
 
-def check_once(formats: list[str]) -> dict[str, float]:
-    """Relative error of ours and stock vs a float64 dequantized reference on one 4096x4096 layer."""
-    from aqlm_ctx.kernels import triton_kernels
+def check_once(formats: list[str], impls: list[str]) -> dict[str, float]:
+    """Relative error of each implementation vs a float64 dequantized reference on one 4096x4096 layer."""
     from aqlm_ctx.kernels.reference import dequantize_weight
 
     errs = {}
@@ -169,13 +180,15 @@ def check_once(formats: list[str]) -> dict[str, float]:
         for tokens in (1, 16, 512):
             x = torch.randn(tokens, 4096, device="cuda", dtype=torch.float16)
             ref = x.double() @ w.T
-            ours = triton_kernels.matmul(x, L["codes"], L["codebooks"], L["scales"], None)
-            errs[f"{fmt}_T{tokens}_ours"] = ((ours.double() - ref).norm() / ref.norm()).item()
-            try:
-                stock = stock_kernel(L["codebooks"], tokens)(x, L["codes"], L["codebooks"], L["scales"], None)
-                errs[f"{fmt}_T{tokens}_stock"] = ((stock.double() - ref).norm() / ref.norm()).item()
-            except Exception as exc:
-                log("stock check failed", fmt, tokens, exc)
+            for impl in impls:
+                try:
+                    out = layer_fn(impl, L, x)()
+                except ValueError:
+                    continue
+                except Exception as exc:
+                    log("check failed", fmt, tokens, impl, exc)
+                    continue
+                errs[f"{fmt}_T{tokens}_{impl}"] = ((out.double() - ref).norm() / ref.norm()).item()
     return errs
 
 
@@ -184,8 +197,6 @@ LLAMA7B = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 
 def bench_e2e(formats: list[str], impls: list[str], layers: int = 32) -> dict[str, Any]:
     """Decode (1 token) through 32 Llama-2-7B blocks' linear layers (224 matmuls), one CUDA graph per variant."""
-    from aqlm_ctx.kernels import triton_kernels
-
     dtype = torch.float16
     res: dict[str, Any] = {"layers": layers, "linears_per_layer": len(LLAMA7B)}
     xs = {in_f: torch.randn(1, in_f, device="cuda", dtype=dtype) for _, in_f in LLAMA7B}
@@ -199,21 +210,7 @@ def bench_e2e(formats: list[str], impls: list[str], layers: int = 32) -> dict[st
         qs = [make_aqlm(fmt, o, i, dtype) for _ in range(layers) for o, i in LLAMA7B]
         for impl in impls:
             try:
-                if impl == "stock":
-                    kern = stock_kernel(qs[0]["codebooks"], 1)
-                    fns = [
-                        lambda L=L, kern=kern: kern(
-                            xs[L["codes"].shape[1] * 8], L["codes"], L["codebooks"], L["scales"], None
-                        )
-                        for L in qs
-                    ]
-                else:
-                    fns = [
-                        lambda L=L: triton_kernels.matmul(
-                            xs[L["codes"].shape[1] * 8], L["codes"], L["codebooks"], L["scales"], None
-                        )
-                        for L in qs
-                    ]
+                fns = [layer_fn(impl, L, xs[L["codes"].shape[1] * 8]) for L in qs]
                 t = graph_time(fns, min_time_s=0.3)
                 res[f"{fmt}_{impl}_ms_per_token"] = t * len(qs) * 1e3
                 res[f"{fmt}_{impl}_tokens_per_s"] = 1 / (t * len(qs))
@@ -343,6 +340,48 @@ def tune_lut(l2: int) -> list[dict[str, Any]]:
     return rows
 
 
+def tune_cuda(l2: int, shapes: list[tuple[int, int]], token_counts: list[int]) -> list[dict[str, Any]]:
+    """Time the CUDA decode kernel at several split-K counts (and the planner's choice, ``splits`` 0)."""
+    from aqlm_ctx.kernels import cuda_kernels
+
+    rows: list[dict[str, Any]] = []
+    for fmt in ("2x8", "1x8"):
+        for out_f, in_f in shapes:
+            first = make_aqlm(fmt, out_f, in_f, torch.float16)
+            layers = [first] + [
+                make_aqlm(fmt, out_f, in_f, torch.float16) for _ in range(copies_for(nbytes(first), l2) - 1)
+            ]
+            sm = torch.cuda.get_device_properties(0).multi_processor_count
+            for tokens in token_counts:
+                x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
+                chosen = cuda_kernels.plan(tokens, out_f, in_f // 8, FORMATS[fmt][0], sm)
+                for splits in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
+                    fns = [
+                        lambda L=L, s=splits, x=x: cuda_kernels.launch(
+                            x, L["codes"], L["codebooks"], L["scales"], None, s
+                        )
+                        for L in layers
+                    ]
+                    t = graph_time(fns, min_time_s=0.02) * 1e6
+                    actual = cuda_kernels.plan(tokens, out_f, in_f // 8, FORMATS[fmt][0], sm, splits).splits
+                    rows.append(
+                        {
+                            "fmt": fmt,
+                            "out": out_f,
+                            "in": in_f,
+                            "tokens": tokens,
+                            "splits": splits,
+                            "actual_splits": actual,
+                            "planned": chosen.splits,
+                            "us": t,
+                        }
+                    )
+                    log(f"tune_cuda {fmt} {out_f}x{in_f} T={tokens} splits={splits}->{actual} {t:.1f} us")
+            del layers, first
+            torch.cuda.empty_cache()
+    return rows
+
+
 def plot(path: str) -> None:
     import matplotlib
 
@@ -359,7 +398,7 @@ def plot(path: str) -> None:
         sel = sorted((r for r in rows if (r["out"], r["in"]) == (o, i)), key=lambda r: r["tokens"])
         toks = [r["tokens"] for r in sel]
         for fmt, color in colors.items():
-            for impl, style in (("ours", "-o"), ("stock", ":x")):
+            for impl, style in (("dispatch", "-o"), ("cuda", "--s"), ("stock", ":x")):
                 ys = [r["fp16_us"] / r[f"{fmt}_{impl}_us"] if r.get(f"{fmt}_{impl}_us") else None for r in sel]
                 pts = [(t, y) for t, y in zip(toks, ys, strict=True) if y]
                 if pts:
@@ -382,13 +421,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results/kernels.json")
     parser.add_argument("--plot", metavar="JSON", help="only draw the PNG from a results file")
-    parser.add_argument("--tune", action="store_true", help="sweep our tile configs instead")
+    parser.add_argument("--tune", action="store_true", help="sweep our Triton tile configs instead")
+    parser.add_argument("--tune-cuda", action="store_true", help="sweep the CUDA kernel's split-K counts instead")
     parser.add_argument("--shapes", default="all", help="'all' or e.g. 4096x4096,8192x28672 (out x in)")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--formats", default="2x8,1x8,1x16")
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--tune-first", action="store_true", help="sweep the lookup-table kernel, use the best")
-    parser.add_argument("--no-stock", action="store_true")
+    parser.add_argument("--impls", default="stock,triton,cuda,dispatch")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot)
@@ -403,8 +443,10 @@ def main() -> None:
         info["triton"] = triton.__version__
     except ImportError:
         pass
-    if args.tune:
-        info["tune"] = tune(l2)
+    shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    if args.tune or args.tune_cuda:
+        token_counts = list(map(int, args.tokens.split(",")))
+        info["tune"] = tune(l2) if args.tune else tune_cuda(l2, shapes, token_counts)
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)
         return
@@ -417,41 +459,41 @@ def main() -> None:
     info["dram_bytes_per_s"] = bw
     log(f"{info['device']}: copy bandwidth {bw / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB")
     formats = args.formats.split(",")
-    impls = ["ours"] if args.no_stock else ["stock", "ours"]
-    info["check_rel_err"] = check_once(formats)
+    impls = args.impls.split(",")
+    info["check_rel_err"] = check_once(formats, impls)
     log("check", info["check_rel_err"])
-    shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     info["layers"] = []
     for out_f, in_f in shapes:
         for tokens in map(int, args.tokens.split(",")):
             row = bench_layer(out_f, in_f, tokens, l2, bw, formats, impls)
             info["layers"].append(row)
-            msg = " ".join(
-                f"{fmt}: stock {row.get(f'{fmt}_stock_us') or float('nan'):.1f} ours "
-                f"{row.get(f'{fmt}_ours_us') or float('nan'):.1f} floor {row[f'{fmt}_floor_us']:.1f}"
+            msg = " | ".join(
+                f"{fmt}: "
+                + " ".join(f"{impl} {row.get(f'{fmt}_{impl}_us') or float('nan'):.1f}" for impl in impls)
+                + f" floor {row[f'{fmt}_floor_us']:.1f}"
                 for fmt in formats
             )
             log(f"{out_f}x{in_f} T={tokens}: fp16 {row['fp16_us']:.1f} us | {msg}")
             with open(args.out, "w") as f:
                 json.dump(info, f, indent=1)
     if not args.no_e2e:
-        info["e2e"] = bench_e2e(["2x8", "1x16", "1x8"], impls)
+        info["e2e"] = bench_e2e(formats, impls)
         log("e2e", info["e2e"])
     with open(args.out, "w") as f:
         json.dump(info, f, indent=1)
-    summary(info, formats)
+    summary(info, formats, impls)
 
 
-def summary(info: dict[str, Any], formats: list[str]) -> None:
-    """Speed-up table vs fp16 (ours / stock) on stdout."""
-    print(f"# {info['device']}  (speed-up vs fp16, ours/stock; us)")
+def summary(info: dict[str, Any], formats: list[str], impls: list[str]) -> None:
+    """Per-layer microseconds and speed-up vs fp16 (x), one cell per format and implementation, on stdout."""
+    print(f"# {info['device']}  (us, speed-up vs fp16 nn.Linear under CUDA graphs)")
     for r in info["layers"]:
         cells = []
         for fmt in formats:
-            ours, stock = r.get(f"{fmt}_ours_us"), r.get(f"{fmt}_stock_us")
-            su = r["fp16_us"] / ours if ours else float("nan")
-            ss = r["fp16_us"] / stock if stock else float("nan")
-            cells.append(f"{fmt} {su:5.2f}/{ss:5.2f} ({ours or float('nan'):.1f})")
+            for impl in impls:
+                t = r.get(f"{fmt}_{impl}_us")
+                if t:
+                    cells.append(f"{fmt} {impl} {t:.1f} ({r['fp16_us'] / t:.2f}x)")
         print(f"{r['out']:>5}x{r['in']:<5} T={r['tokens']:<3} fp16 {r['fp16_us']:7.1f} | " + " | ".join(cells))
 
 
