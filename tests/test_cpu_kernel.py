@@ -124,13 +124,17 @@ def test_codes_changed_in_place_are_seen_by_the_next_call() -> None:
     assert_close(cpu.matmul(x, codes, codebooks, scales, b), expected(x, codes, codebooks, scales, b))
 
 
-def test_nbits_below_8_reads_codes_modulo_the_codebook_size() -> None:
-    """Codes store unsigned values; bits above nbits are ignored, as aqlm's reference does (``codes % 2**nbits``)."""
-    codes, codebooks, scales, b = make_layer(32, 64, 2, 4, 8, seed=8)
+@pytest.mark.parametrize("in_features", [64, 8])  # 8: one input group, where a permuted copy could alias the codes
+def test_nbits_below_8_reads_codes_modulo_the_codebook_size(in_features: int) -> None:
+    """Codes store unsigned values; bits above nbits are ignored, as aqlm's reference does (``codes % 2**nbits``),
+    and the stored codes keep those bits."""
+    codes, codebooks, scales, b = make_layer(32, in_features, 2, 4, 8, seed=8)
     noisy = (codes.long() + 16 * torch.randint(0, 8, codes.shape)).to(torch.int8)
-    x = torch.randn(3, 64)
+    noisy_before = noisy.clone()
+    x = torch.randn(3, in_features)
     for tokens in (x[:1], x):
         assert_close(cpu.matmul(tokens, noisy, codebooks, scales, b), expected(tokens, codes, codebooks, scales, b))
+    assert torch.equal(noisy, noisy_before)
 
 
 def test_thread_pool_start_leaves_the_environment_alone() -> None:

@@ -7,15 +7,17 @@ results do not depend on the thread count or on timing.
 Paths, chosen per call by :func:`matmul`:
 
 * Codebooks of at most 256 entries, up to :data:`LUT_MAX_TOKENS` tokens: lookup tables. For one input group ``j``
-  the table ``LUT[c, k, t] = x[t, j] . codebooks[c, k]`` (a few KiB, built in the kernel, kept in L1) turns every
-  code of that group into one table read. :func:`_lut_kernel` splits the input groups into :data:`LUT_PARTS`
-  fixed parts; each part sums into its own partial output and the parts are added in a fixed order, so the result
-  is the same at any thread count. The kernel streams the codes of one input group for all output rows, which is
-  why it reads an *input-major* copy of the codes ``[in_groups, out_features, num_codebooks]``, made once per
-  layer on its first CPU call and cached beside it (one more byte per code; the layer's ``codes`` parameter, its
-  ``state_dict`` and checkpoints keep the checkpoint layout and are never modified).
-* Everything else (1x16 codebooks, many tokens): :func:`_dequantize_kernel` dequantizes a block of output rows
-  (~2 MiB, cache-resident) and ``torch.matmul`` applies it; the full dense weight never exists.
+  the table ``LUT[c, k, t] = x[t, j] . codebooks[c, k]`` turns every code of that group into one table read.
+  :func:`_lut_gemv_kernel` (one token) and :func:`_lut_gemm_kernel` (a chunk of up to :data:`LUT_TOKEN_CHUNK`
+  tokens, table built in L1 per group) split the input groups into :data:`LUT_PARTS` fixed parts; each part sums
+  into its own partial output and the parts are added in a fixed order, so the result is the same at any thread
+  count. They stream the codes of one input group for all output rows, which is why they read an *input-major*
+  copy of the codes ``[in_groups, out_features, num_codebooks]``, made on the layer's first CPU call and cached
+  beside it (one more byte per code; the layer's ``codes`` parameter, its ``state_dict`` and checkpoints keep the
+  checkpoint layout and are never modified).
+* Everything else (1x16, many tokens): :func:`_dequantize_kernel` dequantizes blocks of output rows
+  (:data:`DEQUANTIZE_BLOCK_BYTES`) into one reused buffer and ``torch.matmul`` applies each; the full dense weight
+  never exists.
 
 Threads. numba's OpenMP pool and torch's are separate; an idle OpenMP thread spins before it sleeps, so on a
 machine with few cores each pool slows the other down. The first call starts numba's pool with
@@ -46,7 +48,7 @@ LUT_MAX_CODEBOOK_SIZE = 256
 #: Fixed number of input-group parts of the lookup-table kernel (independent of the thread count).
 LUT_PARTS = 8
 #: Bytes of dense float32 weight dequantized per block on the dequantize path.
-DEQUANTIZE_BLOCK_BYTES = 2 << 20
+DEQUANTIZE_BLOCK_BYTES = 8 << 20
 
 #: Serialises kernel calls and guards the caches below.
 _LOCK = threading.Lock()
@@ -214,7 +216,9 @@ def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     cached = _INPUT_MAJOR_CODES.get(codes)
     if cached is not None and cached[0] == key:
         return cached[1]
-    array = np.ascontiguousarray(_unsigned_codes(codes).transpose(1, 0, 2)) & np.uint8(codebook_size - 1)
+    array = _unsigned_codes(codes.detach().permute(1, 0, 2).clone(memory_format=torch.contiguous_format))
+    if codebook_size < np.iinfo(array.dtype).max + 1:
+        array &= array.dtype.type(codebook_size - 1)
     _INPUT_MAJOR_CODES[codes] = (key, array)
     return array
 
