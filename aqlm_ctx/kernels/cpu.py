@@ -48,7 +48,7 @@ LUT_MAX_CODEBOOK_SIZE = 256
 #: Fixed number of input-group parts of the lookup-table kernel (independent of the thread count).
 LUT_PARTS = 8
 #: Bytes of dense float32 weight dequantized per block on the dequantize path.
-DEQUANTIZE_BLOCK_BYTES = 8 << 20
+DEQUANTIZE_BLOCK_BYTES = 2 << 20
 
 #: Serialises kernel calls and guards the caches below.
 _LOCK = threading.Lock()
