@@ -1,8 +1,9 @@
 """Per-layer and end-to-end GPU timings: fp16 nn.Linear vs stock aqlm kernels vs aqlm_ctx's kernels.
 
 Implementations: ``stock`` (aqlm's ``get_forward_pass_kernel``), ``triton`` (aqlm_ctx's Triton kernels, any token
-count), ``cuda`` (aqlm_ctx's CUDA C++ decode kernels, 2x8/1x8, at most 32 tokens) and ``dispatch`` (whatever
-aqlm_ctx's dispatcher picks for the call: the numbers a model sees).
+count), ``cuda`` (aqlm_ctx's CUDA C++ decode kernels, 2x8/1x8, at most 32 tokens), ``prefill`` (the wgmma prefill
+kernel, 2x8/1x8, Hopper), ``dequant`` (our dequantizer into a scratch weight, then cuBLAS through ``F.linear``) and
+``dispatch`` (whatever aqlm_ctx's dispatcher picks for the call: the numbers a model sees).
 
 Every timing is a CUDA-graph replay over several copies of the layer (together more than 2x the L2 cache), so
 weights come from DRAM as they do in a real model. Usage (on a CUDA machine, aqlm installed)::
@@ -11,6 +12,7 @@ weights come from DRAM as they do in a real model. Usage (on a CUDA machine, aql
     python benchmarks/kernels.py --plot benchmarks/results/kernels.json   # PNG next to it (matplotlib)
     PYTHONPATH=. python benchmarks/kernels.py --tune                       # sweep Triton tile configs
     PYTHONPATH=. python benchmarks/kernels.py --tune-cuda --out cuda_splits.json  # sweep CUDA split-K counts
+    PYTHONPATH=. python benchmarks/kernels.py --tune-prefill --out prefill.json   # sweep prefill tiles and splits
 """
 
 from __future__ import annotations
@@ -131,6 +133,12 @@ def layer_fn(impl: str, L: dict[str, torch.Tensor], x: torch.Tensor) -> Callable
         if x.shape[0] > cuda_kernels.MAX_TOKENS or codebooks.shape[1] != 256:
             raise ValueError("not covered by the CUDA decode kernel")
         return lambda: cuda_kernels.matmul(x, codes, codebooks, scales, None)
+    if impl == "prefill":
+        if codebooks.shape[1] != 256:
+            raise ValueError("not covered by the CUDA prefill kernel")
+        return lambda: cuda_kernels.prefill_matmul(x, codes, codebooks, scales, None)
+    if impl == "dequant":
+        return lambda: cuda_kernels.dequantized_matmul(x, codes, codebooks, scales, None)
     if impl == "dispatch":
         return lambda: dispatch._forward_kernel(x, codes, codebooks, scales, None)
     raise ValueError(impl)
@@ -162,7 +170,7 @@ def bench_layer(
             except Exception as exc:  # record and go on: one failing case must not lose the run
                 row[key] = None
                 row[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                if impl != "cuda":
+                if impl not in ("cuda", "prefill"):
                     log("ERROR", key, out_f, in_f, tokens, row[f"{key}_error"])
         del layers, first
     torch.cuda.empty_cache()
@@ -382,6 +390,52 @@ def tune_cuda(l2: int, shapes: list[tuple[int, int]], token_counts: list[int]) -
     return rows
 
 
+def tune_prefill(l2: int, shapes: list[tuple[int, int]], token_counts: list[int]) -> list[dict[str, Any]]:
+    """Time the prefill kernel for each token tile and split-K count (0: the planner's choice)."""
+    from aqlm_ctx.kernels import cuda_kernels
+
+    rows: list[dict[str, Any]] = []
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    for fmt in ("2x8", "1x8"):
+        for out_f, in_f in shapes:
+            first = make_aqlm(fmt, out_f, in_f, torch.float16)
+            layers = [first] + [
+                make_aqlm(fmt, out_f, in_f, torch.float16) for _ in range(copies_for(nbytes(first), l2) - 1)
+            ]
+            for tokens in token_counts:
+                x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
+                chosen = cuda_kernels.plan_prefill(tokens, out_f, in_f // 8, sm)
+                for tile in cuda_kernels.PREFILL_TILES:
+                    if tile > 64 and tile >= 2 * tokens:
+                        continue
+                    for splits in (0, 1, 2, 3, 4, 6):
+                        plan = cuda_kernels.plan_prefill(tokens, out_f, in_f // 8, sm, tile, splits)
+                        fns = [
+                            lambda L=L, p=plan, x=x: cuda_kernels.launch_prefill(
+                                x, L["codes"], L["codebooks"], L["scales"], None, p.token_tile, p.splits
+                            )
+                            for L in layers
+                        ]
+                        t = graph_time(fns, min_time_s=0.02) * 1e6
+                        rows.append(
+                            {
+                                "fmt": fmt,
+                                "out": out_f,
+                                "in": in_f,
+                                "tokens": tokens,
+                                "token_tile": tile,
+                                "splits": splits,
+                                "actual_splits": plan.splits,
+                                "planned": list(chosen),
+                                "us": t,
+                            }
+                        )
+                        log(f"tune_prefill {fmt} {out_f}x{in_f} T={tokens} tile={tile} splits={plan.splits} {t:.1f} us")
+            del layers, first
+            torch.cuda.empty_cache()
+    return rows
+
+
 def plot(path: str) -> None:
     import matplotlib
 
@@ -423,6 +477,7 @@ def main() -> None:
     parser.add_argument("--plot", metavar="JSON", help="only draw the PNG from a results file")
     parser.add_argument("--tune", action="store_true", help="sweep our Triton tile configs instead")
     parser.add_argument("--tune-cuda", action="store_true", help="sweep the CUDA kernel's split-K counts instead")
+    parser.add_argument("--tune-prefill", action="store_true", help="sweep the prefill kernel's tiles and splits")
     parser.add_argument("--shapes", default="all", help="'all' or e.g. 4096x4096,8192x28672 (out x in)")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--formats", default="2x8,1x8,1x16")
@@ -444,9 +499,12 @@ def main() -> None:
     except ImportError:
         pass
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
-    if args.tune or args.tune_cuda:
+    if args.tune or args.tune_cuda or args.tune_prefill:
         token_counts = list(map(int, args.tokens.split(",")))
-        info["tune"] = tune(l2) if args.tune else tune_cuda(l2, shapes, token_counts)
+        if args.tune_prefill:
+            info["tune"] = tune_prefill(l2, shapes, token_counts)
+        else:
+            info["tune"] = tune(l2) if args.tune else tune_cuda(l2, shapes, token_counts)
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)
         return

@@ -435,3 +435,154 @@ def test_cuda_decode_graph_compile_and_dispatch(fmt: str, monkeypatch: pytest.Mo
     with torch.no_grad():
         fallback = layer(x)
     assert len(calls) == 1 and rel_err(fallback, decode_reference(x, codes, codebooks, scales, bias)) < 4e-3
+
+
+# ---------------------------------------------------------------- CUDA prefill (wgmma) and dequantize-then-cuBLAS
+
+requires_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="the prefill kernel needs a Hopper GPU (compute capability 9.0)",
+)
+
+
+def test_cuda_prefill_plan() -> None:
+    from aqlm_ctx.kernels.cuda_kernels import PREFILL_TILES, plan_prefill
+
+    for tokens in (33, 64, 65, 129, 512, 4096):
+        for out_f, groups in ((4096, 512), (8192, 3584), (28672, 1024), (300, 80)):
+            tile, splits, per_split = plan_prefill(tokens, out_f, groups, 132)
+            assert tile in PREFILL_TILES and (tile >= tokens or tile == PREFILL_TILES[-1])
+            assert splits == -(-groups // 8 // per_split) and (splits - 1) * per_split < groups // 8
+    assert plan_prefill(513, 300, 80, 132, token_tile=64, splits=3) == (64, 3, 4)
+
+
+@requires_hopper
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("tokens", [33, 65, 129, 513])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cuda_prefill_matches_reference(fmt: str, dtype_name: str, tokens: int, with_bias: bool) -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+
+    dtype = DTYPES[dtype_name]
+    out_features, in_features = 300, 8 * 80  # a partial row block, 10 stages
+    codes, codebooks, scales = make_layer(fmt, out_features, in_features, dtype, "cuda", seed=tokens)
+    codes_before = codes.clone()
+    bias = torch.randn(out_features, device="cuda").to(dtype) if with_bias else None
+    x = torch.randn(tokens, in_features, device="cuda").to(dtype)
+    expected = cuda_kernels.prefill_preferred(codebooks.shape[0], tokens, out_features, in_features)
+    assert cuda_kernels.supports_prefill(x, codes, codebooks, scales, bias) == expected
+    ref = decode_reference(x, codes, codebooks, scales, bias)
+    for tile, splits in ((0, 0), (0, 1), (0, 3), (64, 1), (256, 4)):
+        out = cuda_kernels.launch_prefill(x, codes, codebooks, scales, bias, token_tile=tile, splits=splits)
+        assert out.shape == (tokens, out_features) and out.dtype == dtype
+        assert rel_err(out, ref) < TOLERANCE[dtype], (tile, splits)
+    assert rel_err(cuda_kernels.prefill_matmul(x, codes, codebooks, scales, bias), ref) < TOLERANCE[dtype]
+    assert torch.equal(codes, codes_before)
+
+
+@requires_hopper
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+def test_cuda_prefill_large_layer_is_deterministic(fmt: str) -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+
+    codes, codebooks, scales = make_layer(fmt, 1024, 8192, torch.float16, "cuda", seed=4)
+    bias = torch.randn(1024, device="cuda", dtype=torch.float16)
+    x = torch.randn(300, 8192, device="cuda", dtype=torch.float16)
+    ref = decode_reference(x, codes, codebooks, scales, bias)
+    for splits in (1, 5):
+        outs = [cuda_kernels.launch_prefill(x, codes, codebooks, scales, bias, splits=splits) for _ in range(5)]
+        assert rel_err(outs[0], ref) < TOLERANCE[torch.float16]
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+@requires_hopper
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+def test_cuda_prefill_3d_and_non_contiguous_inputs(fmt: str) -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+
+    codes, codebooks, scales = make_layer(fmt, 96, 256, torch.bfloat16, "cuda", seed=5)
+    bias = torch.randn(96, device="cuda", dtype=torch.bfloat16)
+    x3 = torch.randn(3, 45, 256, device="cuda", dtype=torch.bfloat16)
+    out = cuda_kernels.prefill_matmul(x3, codes, codebooks, scales, bias)
+    ref = decode_reference(x3.reshape(-1, 256), codes, codebooks, scales, bias).view(3, 45, 96)
+    assert out.shape == (3, 45, 96) and rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+    wide = torch.randn(65, 520, device="cuda", dtype=torch.bfloat16)
+    for x in (wide[:, :512:2], wide[:, 1:257], torch.randn(256, 65, device="cuda", dtype=torch.bfloat16).T):
+        assert not x.is_contiguous()
+        assert cuda_kernels.supports_prefill(x, codes, codebooks, scales, bias)
+        out = cuda_kernels.prefill_matmul(x, codes, codebooks, scales, bias)
+        assert rel_err(out, decode_reference(x, codes, codebooks, scales, bias)) < TOLERANCE[torch.bfloat16]
+    assert cuda_kernels.prefill_matmul(x3[:0], codes, codebooks, scales, bias).shape == (0, 45, 96)
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_cuda_dequantized_matches_reference(fmt: str, dtype_name: str) -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+    from aqlm_ctx.kernels.reference import dequantize_weight
+
+    dtype = DTYPES[dtype_name]
+    codes, codebooks, scales = make_layer(fmt, 200, 8 * 40, dtype, "cuda", seed=6)
+    weight = cuda_kernels.dequantize(codes, codebooks, scales)
+    ref_weight = dequantize_weight(codes, codebooks.double(), scales.double())
+    assert weight.shape == (200, 320) and weight.dtype == dtype and rel_err(weight, ref_weight) < TOLERANCE[dtype]
+    bias = torch.randn(200, device="cuda").to(dtype)
+    x = torch.randn(2, 65, 320, device="cuda").to(dtype)
+    out = cuda_kernels.dequantized_matmul(x, codes, codebooks, scales, bias)
+    ref = decode_reference(x.reshape(-1, 320), codes, codebooks, scales, bias).view(2, 65, 200)
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    low, high = cuda_kernels.DEQUANTIZED_TOKEN_RANGES[(codebooks.shape[0], codebooks.shape[1])]
+    assert cuda_kernels.supports_dequantized(x, codes, codebooks, scales, bias) == (low <= 130 <= high)
+
+
+@requires_hopper
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+def test_cuda_prefill_graph_compile_and_dispatch(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA-graph capture and torch.compile(fullgraph) of both prefill routes; dispatch through QuantizedLinear."""
+    aqlm = pytest.importorskip("aqlm")
+    from aqlm_ctx.kernels import cuda_kernels
+    from aqlm_ctx.kernels.dispatch import install_kernels
+
+    codes, codebooks, scales = make_layer(fmt, 512, 1024, torch.float16, "cuda", seed=14)
+    bias = torch.randn(512, device="cuda", dtype=torch.float16)
+    static_x = torch.randn(100, 1024, device="cuda", dtype=torch.float16)
+    routes = (cuda_kernels.prefill_matmul, cuda_kernels.dequantized_matmul)
+    for route in routes:
+        route(static_x, codes, codebooks, scales, bias)  # build and counters outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_ys = [route(static_x, codes, codebooks, scales, bias) for route in routes]
+    for _ in range(2):
+        static_x.copy_(torch.randn(100, 1024, device="cuda", dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        for y in static_ys:
+            assert rel_err(y, decode_reference(static_x, codes, codebooks, scales, bias)) < 4e-3
+
+    for route in routes:
+        compiled = torch.compile(lambda x, f=route: torch.relu(f(x, codes, codebooks, scales, bias)), fullgraph=True)
+        x = torch.randn(70, 1024, device="cuda", dtype=torch.float16)
+        assert rel_err(compiled(x), torch.relu(decode_reference(x, codes, codebooks, scales, bias))) < 4e-3
+
+    layer = aqlm.QuantizedLinear(1024, 512, 8, 1, codebooks.shape[0], 8, bias=True, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        layer.codes.copy_(codes)
+        layer.codebooks.copy_(codebooks)
+        layer.scales.copy_(scales)
+        layer.bias.copy_(bias)
+    install_kernels(layer)
+    calls: list[int] = []
+    real = cuda_kernels.prefill_matmul
+    monkeypatch.setattr(cuda_kernels, "prefill_matmul", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 20, 1024, device="cuda", dtype=torch.float16)  # 40 tokens: the prefill kernel's range
+    with torch.no_grad():
+        out = layer(x)
+    ref = decode_reference(x.reshape(-1, 1024), codes, codebooks, scales, bias).view(2, 20, 512)
+    assert calls and rel_err(out, ref) < 4e-3
+    monkeypatch.setenv("AQLM_CTX_GPU_KERNELS", "0")
+    with torch.no_grad():
+        stock = layer(x)
+    assert len(calls) == 1 and rel_err(stock, ref) < 4e-3

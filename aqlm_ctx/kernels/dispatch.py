@@ -63,6 +63,10 @@ def _forward_kernel(
 
                 if cuda_kernels.supports(input, codes, codebooks, scales, bias):
                     return cuda_kernels.matmul(input, codes, codebooks, scales, bias)
+                if cuda_kernels.supports_prefill(input, codes, codebooks, scales, bias):
+                    return cuda_kernels.prefill_matmul(input, codes, codebooks, scales, bias)
+                if cuda_kernels.supports_dequantized(input, codes, codebooks, scales, bias):
+                    return cuda_kernels.dequantized_matmul(input, codes, codebooks, scales, bias)
                 if triton_kernels.supports(input, codes, codebooks):
                     return triton_kernels.matmul(input, codes, codebooks, scales, bias)
             return _stock_cuda_matmul(input, codes, codebooks, scales, bias)

@@ -1,0 +1,538 @@
+// Prefill kernels for AQLM layers (many tokens) and a dequantizer.
+//
+// prefill_kernel (Hopper, sm_90a): y = (x @ W.T) * scales + bias for 2x8 and 1x8 layers (in_group_size 8,
+// out_group_size 1) in one launch. A CTA owns 128 output rows and a tile of 64/128/256 tokens; its two warpgroups
+// each compute a 64-row x N-token block with wgmma, the weight as the register operand A and x as the shared-memory
+// operand B (the "swapped" product y.T = W x.T), fp32 accumulation:
+// * the codebooks are staged once into shared memory, 8 copies of each 16-byte entry; the thread in row r / quad q of
+//   the A fragment reads 4-byte word q of copy r, so a warp's 32 codebook reads hit 32 different banks whatever the
+//   codes are, and the decoded words land directly in the wgmma A-fragment layout (no permutation of x needed);
+// * x tiles (64 input features = one 128-byte row per token and stage, in the 128-byte-swizzled K-major layout of
+//   wgmma) and the matching code tiles stream into a 4-stage shared-memory ring with cp.async, three stages ahead;
+// * each warpgroup decodes a stage, multiplies it and waits (ptxas serializes register-A wgmma whose registers are
+//   written while one is in flight), so decoding overlaps the tensor cores only across warpgroups and CTAs;
+// * scales and bias in the epilogue; split-K (when row x token tiles do not fill the GPU) writes fp32 partials and
+//   the last CTA of a tile (a self-resetting ticket counter) sums them in split order, so results are deterministic.
+//
+// dequantize_kernel (any GPU): W = scales * sum_c codebooks[c][codes] as a dense matrix, for a dequantize-then-cuBLAS
+// path.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "aqlm_prefill.h"
+
+namespace aqlm_ctx {
+namespace {
+
+template <bool kBf16>
+using Scalar = std::conditional_t<kBf16, __nv_bfloat16, __half>;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    return __bfloat162float(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16_rn(v);
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+template <bool kBf16>
+__device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (kBf16) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(0x3f803f80u), "r"(b));  // a * 1 + b
+  } else {
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  }
+  return r;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Keep the compiler from moving definitions or uses of wgmma operand registers across the asynchronous wgmma.
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void fence_operand(uint64_t& r) { asm volatile("" : "+l"(r)::"memory"); }
+
+// Shared-memory descriptor of a K-major operand with 128-byte swizzle: rows of 128 bytes, 8-row atoms 1024 bytes
+// apart (stride byte offset); a k16 step starts 32 bytes further into the (unswizzled) row.
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3ffff) >> 4) | (static_cast<uint64_t>(1) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+// wgmma.mma_async m64nNk16, A (4 registers of 2 elements) from registers, B from shared memory, D += A B.
+template <int N>
+struct Wgmma;
+
+template <>
+struct Wgmma<64> {
+  template <bool kBf16>
+  static __device__ __forceinline__ void run(float (&d)[32], const uint32_t* a, uint64_t desc) {
+    if constexpr (kBf16) {
+      asm volatile(
+          "{ .reg .pred p; setp.ne.b32 p, %37, 0; "
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+          "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0; }"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+    } else {
+      asm volatile(
+          "{ .reg .pred p; setp.ne.b32 p, %37, 0; "
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+          "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0; }"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+    }
+  }
+};
+
+template <>
+struct Wgmma<128> {
+  template <bool kBf16>
+  static __device__ __forceinline__ void run(float (&d)[64], const uint32_t* a, uint64_t desc) {
+    if constexpr (kBf16) {
+      asm volatile(
+          "{ .reg .pred p; setp.ne.b32 p, %69, 0; "
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "
+      "%59, %60, %61, %62, %63"
+          "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0; }"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+    } else {
+      asm volatile(
+          "{ .reg .pred p; setp.ne.b32 p, %69, 0; "
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "
+      "%59, %60, %61, %62, %63"
+          "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0; }"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+    }
+  }
+};
+
+template <>
+struct Wgmma<256> {
+  template <bool kBf16>
+  static __device__ __forceinline__ void run(float (&d)[128], const uint32_t* a, uint64_t desc) {
+    if constexpr (kBf16) {
+      asm volatile(
+          "{ .reg .pred p; setp.ne.b32 p, %133, 0; "
+          "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "
+      "%59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, "
+      "%78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, "
+      "%97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, "
+      "%113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+          "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0; }"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+    } else {
+      asm volatile(
+          "{ .reg .pred p; setp.ne.b32 p, %133, 0; "
+          "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "
+      "%59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, "
+      "%78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, "
+      "%97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, "
+      "%113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+          "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0; }"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+    }
+  }
+};
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// C codebooks of 256 entries, N tokens per CTA, kBf16 selects bf16 (else fp16) activations and codebooks.
+template <int C, int N, bool kBf16>
+__global__ void __launch_bounds__(kPrefillThreads, N == 256 ? 1 : 2) prefill_kernel(const PrefillParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using scalar_t = Scalar<kBf16>;
+  constexpr int kXTile = N * kPrefillStageK * 2;  // bytes of x per stage (1024-byte aligned)
+  constexpr int kCodeRow = 8 * C;                 // bytes of codes per row per stage
+  constexpr int kStageBytes = kXTile + kPrefillRows * kCodeRow;
+  extern __shared__ __align__(1024) uint4 smem_raw[];
+  // The swizzled tiles need 1024-byte alignment: start the codebooks (whose size is a multiple of 1024) there.
+  uint4* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023) / 16;
+  uint8_t* sh_stage = reinterpret_cast<uint8_t*>(smem + C * 256 * 8);
+  int& sh_last = *reinterpret_cast<int*>(sh_stage + kPrefillStages * kStageBytes);
+
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int local_row = (tid / 32) * 16 + lane / 4;  // this thread's A rows: local_row and local_row + 8
+  const int row0 = blockIdx.x * kPrefillRows;
+  const int n0 = blockIdx.y * N;
+  const int s_begin = blockIdx.z * p.stages_per_split;
+  const int n_stages = min(p.stages_per_split, p.groups / 8 - s_begin);
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+
+  // Stage s (input features 64 s ...) into ring slot buf: x (token n, 8-feature block kb) at n * 128 + (kb ^ n % 8) * 16,
+  // a warp reading 4 tokens' whole 128-byte rows; then the 128 rows' codes. Tokens and rows past the end read zeros.
+  auto issue_stage = [&](int s, int buf) {
+    const uint32_t base = smem_u32(sh_stage + buf * kStageBytes);
+    const int k0 = s * kPrefillStageK;
+#pragma unroll
+    for (int i = 0; i < N * 8 / kPrefillThreads; ++i) {
+      const int c = tid + i * kPrefillThreads;
+      const int n = c / 8;
+      const int kb = c % 8;
+      const bool ok = n0 + n < p.tokens;
+      const scalar_t* src = ok ? x + static_cast<int64_t>(n0 + n) * p.x_stride + k0 + kb * 8 : x;
+      cp_async16(base + n * 128 + ((kb ^ (n % 8)) * 16), src, ok ? 16 : 0);
+    }
+    if (tid < kPrefillRows) {
+      const bool ok = row0 + tid < p.out_features;
+      const uint8_t* src = ok ? p.codes + (static_cast<int64_t>(row0 + tid) * p.groups + s * 8) * C : p.codes;
+      const uint32_t dst = base + kXTile + tid * kCodeRow;
+      if constexpr (C == 2) {
+        cp_async16(dst, src, ok ? 16 : 0);
+      } else {
+        cp_async8(dst, src, ok ? 8 : 0);
+      }
+    }
+  };
+
+#pragma unroll
+  for (int i = 0; i < kPrefillStages - 1; ++i) {
+    if (i < n_stages) issue_stage(s_begin + i, i);
+    cp_async_commit();
+  }
+  const uint4* codebooks = static_cast<const uint4*>(p.codebooks);
+  for (int i = tid; i < C * 256; i += kPrefillThreads) {
+    const uint4 v = codebooks[i];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) smem[8 * i + ((r + i) & 7)] = v;  // rotated: no bank conflicts while staging
+  }
+  cp_async_wait<kPrefillStages - 2>();
+  fence_proxy_async();
+  __syncthreads();
+
+  // Word `lane % 4` of copy `lane / 4` of codebook entry e is cb_words[32 * e].
+  const uint32_t* cb_words = reinterpret_cast<const uint32_t*>(smem) + lane;
+
+  // A fragments of a stage: k16 step t covers groups 2t (k-slots 2q, 2q+1) and 2t + 1 (k-slots 2q + 8, 2q + 9) of
+  // rows local_row (+0) and local_row + 8 (+1): registers 4t + {row r g 2t, row r+8 g 2t, row r g 2t+1, r+8 g 2t+1}.
+  auto decode = [&](uint32_t(&a)[16], int buf) {
+    const uint8_t* codes = sh_stage + buf * kStageBytes + kXTile;
+    uint32_t w[2][2 * C];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (C == 2) {
+        const uint4 v = *reinterpret_cast<const uint4*>(codes + (local_row + 8 * h) * 16);
+        w[h][0] = v.x;
+        w[h][1] = v.y;
+        w[h][2] = v.z;
+        w[h][3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(codes + (local_row + 8 * h) * 8);
+        w[h][0] = v.x;
+        w[h][1] = v.y;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < 8; ++g) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t e;
+        if constexpr (C == 2) {
+          const uint32_t code0 = (w[h][g / 2] >> (16 * (g % 2))) & 0xffu;
+          const uint32_t code1 = (w[h][g / 2] >> (16 * (g % 2) + 8)) & 0xffu;
+          e = add2<kBf16>(cb_words[32 * code0], cb_words[32 * (256 + code1)]);
+        } else {
+          e = cb_words[32 * ((w[h][g / 4] >> (8 * (g % 4))) & 0xffu)];
+        }
+        a[4 * (g / 2) + 2 * (g % 2) + h] = e;
+      }
+    }
+  };
+
+  float acc[N / 2];
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
+  // ptxas serializes every wgmma if A registers are written while a wgmma is in flight, so each warpgroup decodes,
+  // multiplies and waits in turn; the other warpgroup (or CTA) keeps the tensor cores busy meanwhile.
+  uint32_t a[16];
+  for (int it = 0; it < n_stages; ++it) {
+    const int buf = it % kPrefillStages;
+    decode(a, buf);
+    const uint32_t x_tile = smem_u32(sh_stage + buf * kStageBytes);
+    uint64_t desc[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      desc[t] = make_desc(x_tile + 32 * t);
+      fence_operand(desc[t]);
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) fence_operand(a[i]);
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) fence_operand(acc[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int t = 0; t < 4; ++t) Wgmma<N>::template run<kBf16>(acc, a + 4 * t, desc[t]);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) fence_operand(acc[i]);
+    cp_async_wait<kPrefillStages - 3>();  // stage it + 1 has landed
+    fence_proxy_async();
+    __syncthreads();  // ... for every thread, and nobody reads ring slot `buf` any more
+    const int next = it + kPrefillStages - 1;
+    if (next < n_stages) issue_stage(s_begin + next, next % kPrefillStages);
+    cp_async_commit();
+  }
+
+  // Accumulator 4j + 2h + e: row local_row + 8h, token 8j + 2(lane % 4) + e.
+  const scalar_t* scales = static_cast<const scalar_t*>(p.scales);
+  const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
+  scalar_t* y = static_cast<scalar_t*>(p.y);
+  const int quad = lane % 4;
+  if (p.splits == 1) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + local_row + 8 * h;
+      if (row >= p.out_features) continue;
+      const float scale = to_float(scales[row]);
+      const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = n0 + 8 * j + 2 * quad + e;
+          if (n < p.tokens) {
+            y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(acc[4 * j + 2 * h + e] * scale + shift);
+          }
+        }
+      }
+    }
+    return;
+  }
+  const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
+  float* partial = p.workspace + blockIdx.z * split_size;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + local_row + 8 * h;
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int n = n0 + 8 * j + 2 * quad + e;
+        if (row < p.out_features && n < p.tokens) {
+          partial[static_cast<int64_t>(n) * p.out_features + row] = acc[4 * j + 2 * h + e];
+        }
+      }
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) sh_last = atomicAdd(&p.counters[tile], 1) == p.splits - 1;
+  __syncthreads();
+  if (!sh_last) return;
+  __threadfence();
+  for (int i = tid; i < N * kPrefillRows; i += kPrefillThreads) {
+    const int n = n0 + i / kPrefillRows;
+    const int row = row0 + i % kPrefillRows;
+    if (n >= p.tokens || row >= p.out_features) continue;
+    const float* src = p.workspace + static_cast<int64_t>(n) * p.out_features + row;
+    float sum = 0.0f;
+    for (int s = 0; s < p.splits; ++s) sum += __ldcg(src + s * split_size);
+    const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
+    y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(sum * to_float(scales[row]) + shift);
+  }
+  if (tid == 0) p.counters[tile] = 0;
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+template <int C, int N, bool kBf16>
+cudaError_t launch(const PrefillParams& p, cudaStream_t stream) {
+  const int smem = prefill_smem_bytes(C, N);
+  auto kernel = prefill_kernel<C, N, kBf16>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.out_features + kPrefillRows - 1) / kPrefillRows, (p.tokens + N - 1) / N, p.splits);
+  kernel<<<grid, kPrefillThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int C, bool kBf16>
+cudaError_t launch_tile(const PrefillParams& p, int token_tile, cudaStream_t stream) {
+  if (token_tile == 64) return launch<C, 64, kBf16>(p, stream);
+  if (token_tile == 128) return launch<C, 128, kBf16>(p, stream);
+  if (token_tile == 256) return launch<C, 256, kBf16>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+// One 8-weight group per thread; C codebooks of 2**kBits entries, gathered through L1 (8-bit) or L2 (16-bit). (A
+// persistent variant with shared-memory codebooks measured slower on an H200: 377 vs 307 us at 8192x28672.)
+template <int C, int kBits, bool kBf16>
+__global__ void dequantize_kernel(const void* codes, const uint4* codebooks, const Scalar<kBf16>* scales, uint4* w,
+                                  int64_t out_features, int64_t groups) {
+  using scalar_t = Scalar<kBf16>;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= out_features * groups) return;
+  float sum[8] = {};
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    uint32_t code;
+    if constexpr (kBits == 16) {
+      code = static_cast<const uint16_t*>(codes)[i];
+    } else {
+      code = static_cast<const uint8_t*>(codes)[i * C + c];
+    }
+    const uint4 e = __ldg(codebooks + (c << kBits) + code);
+    const scalar_t* v = reinterpret_cast<const scalar_t*>(&e);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sum[j] += to_float(v[j]);
+  }
+  const float scale = to_float(scales[i / groups]);
+  uint4 out;
+  scalar_t* o = reinterpret_cast<scalar_t*>(&out);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) o[j] = from_float<scalar_t>(sum[j] * scale);
+  w[i] = out;
+}
+
+template <int C, int kBits, bool kBf16>
+cudaError_t launch_dequantize(const void* codes, const void* codebooks, const void* scales, void* w,
+                              int64_t out_features, int64_t groups, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t blocks = (out_features * groups + kThreads - 1) / kThreads;
+  dequantize_kernel<C, kBits, kBf16><<<blocks, kThreads, 0, stream>>>(
+      codes, static_cast<const uint4*>(codebooks), static_cast<const Scalar<kBf16>*>(scales), static_cast<uint4*>(w),
+      out_features, groups);
+  return cudaGetLastError();
+}
+
+template <bool kBf16>
+cudaError_t dequantize_format(const void* codes, const void* codebooks, const void* scales, void* w,
+                              int64_t out_features, int64_t groups, int num_codebooks, int nbits, cudaStream_t stream) {
+  if (num_codebooks == 2 && nbits == 8) {
+    return launch_dequantize<2, 8, kBf16>(codes, codebooks, scales, w, out_features, groups, stream);
+  }
+  if (num_codebooks == 1 && nbits == 8) {
+    return launch_dequantize<1, 8, kBf16>(codes, codebooks, scales, w, out_features, groups, stream);
+  }
+  if (num_codebooks == 1 && nbits == 16) {
+    return launch_dequantize<1, 16, kBf16>(codes, codebooks, scales, w, out_features, groups, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t prefill_launch(const PrefillParams& p, int num_codebooks, bool bf16, int token_tile, cudaStream_t stream) {
+  if (num_codebooks == 2) return bf16 ? launch_tile<2, true>(p, token_tile, stream) : launch_tile<2, false>(p, token_tile, stream);
+  if (num_codebooks == 1) return bf16 ? launch_tile<1, true>(p, token_tile, stream) : launch_tile<1, false>(p, token_tile, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t dequantize_launch(const void* codes, const void* codebooks, const void* scales, void* w, int64_t out_features,
+                              int64_t groups, int num_codebooks, int nbits, bool bf16, cudaStream_t stream) {
+  if (bf16) return dequantize_format<true>(codes, codebooks, scales, w, out_features, groups, num_codebooks, nbits, stream);
+  return dequantize_format<false>(codes, codebooks, scales, w, out_features, groups, num_codebooks, nbits, stream);
+}
+
+}  // namespace aqlm_ctx

@@ -1,0 +1,48 @@
+// Prefill (many-token) kernels for AQLM layers: shared declarations of aqlm_prefill.cu (kernels, compiled by nvcc
+// without torch headers) and aqlm_decode.cpp (the torch binding).
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace aqlm_ctx {
+
+constexpr int kPrefillThreads = 256;  // two warpgroups, 64 output rows each
+constexpr int kPrefillRows = 128;     // output rows one CTA owns
+constexpr int kPrefillStageK = 64;    // input features per pipeline stage (8 groups)
+constexpr int kPrefillStages = 4;     // shared-memory pipeline depth
+
+struct PrefillParams {
+  const void* x;          // [tokens, in_features], rows 16-byte aligned, x_stride elements apart
+  const uint8_t* codes;   // [out_features, groups, num_codebooks] contiguous, unsigned bytes
+  const void* codebooks;  // [num_codebooks, 256, 1, 8] contiguous
+  const void* scales;     // [out_features]
+  const void* bias;       // [out_features] or nullptr
+  void* y;                // [tokens, out_features] contiguous
+  float* workspace;       // [splits, tokens, out_features] when splits > 1
+  int* counters;          // [row blocks x token blocks], all zero between launches (the last CTA resets its own)
+  int64_t x_stride;
+  int tokens;
+  int out_features;
+  int groups;             // in_features / 8, a multiple of 8
+  int stages_per_split;   // pipeline stages (64 input features each) per split
+  int splits;
+};
+
+// Shared-memory bytes of a prefill launch with `token_tile` tokens per CTA: codebooks, the stage ring, a ticket flag,
+// and up to 1 KiB to align the ring to 1024 bytes.
+inline int prefill_smem_bytes(int num_codebooks, int token_tile) {
+  return num_codebooks * 256 * 128 + kPrefillStages * (token_tile * kPrefillStageK * 2 + kPrefillRows * 8 * num_codebooks) +
+         16 + 1024;
+}
+
+// Launches the wgmma prefill kernel (sm_90a only) for num_codebooks in {1, 2}, fp16 or bf16, token_tile in
+// {64, 128, 256}. Grid: row blocks x token blocks x splits. Returns the CUDA error of the launch.
+cudaError_t prefill_launch(const PrefillParams& p, int num_codebooks, bool bf16, int token_tile, cudaStream_t stream);
+
+// W = scales * sum_c codebooks[c][codes] as a dense [out_features, groups * 8] matrix (for any GPU): 8-bit codes with
+// 1 or 2 codebooks of 256 entries, or 16-bit codes with 1 codebook of 65536.
+cudaError_t dequantize_launch(const void* codes, const void* codebooks, const void* scales, void* w, int64_t out_features,
+                              int64_t groups, int num_codebooks, int nbits, bool bf16, cudaStream_t stream);
+
+}  // namespace aqlm_ctx
