@@ -124,6 +124,18 @@ def test_codes_changed_in_place_are_seen_by_the_next_call() -> None:
     assert_close(cpu.matmul(x, codes, codebooks, scales, b), expected(x, codes, codebooks, scales, b))
 
 
+def test_input_major_copies_of_codes_that_changed_are_dropped() -> None:
+    """The cache keeps no copy for codes that were replaced (e.g. a model moved to the GPU keeps its Parameters)."""
+    first = make_layer(16, 32, 2, 8, 8, seed=9)
+    second = make_layer(16, 32, 2, 8, 8, seed=10)
+    x = torch.randn(1, 32)
+    cpu.matmul(x, *first)
+    assert first[0] in cpu._INPUT_MAJOR_CODES
+    first[0].data = first[0].data.clone()  # new storage, as Module.to() does
+    cpu.matmul(x, *second)
+    assert first[0] not in cpu._INPUT_MAJOR_CODES and second[0] in cpu._INPUT_MAJOR_CODES
+
+
 @pytest.mark.parametrize("in_features", [64, 8])  # 8: one input group, where a permuted copy could alias the codes
 def test_nbits_below_8_reads_codes_modulo_the_codebook_size(in_features: int) -> None:
     """Codes store unsigned values; bits above nbits are ignored, as aqlm's reference does (``codes % 2**nbits``),

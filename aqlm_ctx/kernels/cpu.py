@@ -206,16 +206,26 @@ def _unsigned_codes(codes: torch.Tensor) -> np.ndarray:
     return array.view(np.uint16) if array.dtype == np.int16 else array.view(np.uint8)
 
 
+def _key(codes: torch.Tensor) -> tuple[int, int]:
+    """What identifies the current contents of ``codes``: its version counter and data pointer."""
+    return codes._version, codes.data_ptr()
+
+
 def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     """``codes % codebook_size`` as unsigned ``[in_groups, out_features, num_codebooks]``, cached per codes tensor.
 
     The cache entry is rebuilt when the tensor is modified in place (its version changes), given new storage or
-    read with another codebook size, and it disappears with the tensor. Call with ``_LOCK`` held.
+    read with another codebook size, and it disappears with the tensor. Entries of tensors whose data changed or
+    left the CPU (``model.to("cuda")`` keeps the Parameter objects) are dropped whenever an entry is added.
+    Call with ``_LOCK`` held.
     """
-    key = (codes._version, codes.data_ptr(), codebook_size)
+    key = (*_key(codes), codebook_size)
     cached = _INPUT_MAJOR_CODES.get(codes)
     if cached is not None and cached[0] == key:
         return cached[1]
+    stale = [t for t, (k, _) in _INPUT_MAJOR_CODES.items() if t.device.type != "cpu" or k[:2] != _key(t)]
+    for tensor in stale:
+        del _INPUT_MAJOR_CODES[tensor]
     array = _unsigned_codes(codes.detach().permute(1, 0, 2).clone(memory_format=torch.contiguous_format))
     if codebook_size < np.iinfo(array.dtype).max + 1:
         array &= array.dtype.type(codebook_size - 1)
