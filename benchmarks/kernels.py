@@ -285,69 +285,6 @@ def tune(l2: int) -> list[dict[str, Any]]:
     return out
 
 
-def tune_lut(l2: int) -> list[dict[str, Any]]:
-    """Sweep the lookup-table kernel's tiles for 8-bit formats and install the best per (format, tokens) bucket
-    in ``triton_aqlm.OVERRIDES`` (geometric mean over two shapes), so the benchmark below uses it."""
-    from aqlm_ctx.kernels import triton_aqlm
-    from aqlm_ctx.kernels.triton_aqlm import Config, launch
-
-    cfgs = [
-        Config(-1, bo, bi, nw)
-        for bo, bi, nw in [
-            (256, 32, 8),
-            (128, 32, 4),
-            (256, 64, 8),
-            (512, 32, 8),
-            (128, 64, 4),
-            (256, 16, 4),
-            (64, 32, 4),
-        ]
-    ]
-    rows: list[dict[str, Any]] = []
-    for fmt in ("2x8", "1x8"):
-        num_codebooks, nbits = FORMATS[fmt]
-        for tokens in (1, 4, 8):
-            score: dict[Config, float] = {}
-            for out_f, in_f in ((4096, 4096), (8192, 28672)):
-                first = make_aqlm(fmt, out_f, in_f, torch.float16)
-                n = copies_for(nbytes(first), l2)
-                layers = [first] + [make_aqlm(fmt, out_f, in_f, torch.float16) for _ in range(n - 1)]
-                x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
-                for cfg in cfgs:
-                    try:
-                        fns = [
-                            lambda L=L, cfg=cfg, x=x: launch(x, L["codes"], L["codebooks"], L["scales"], None, cfg)
-                            for L in layers
-                        ]
-                        t = graph_time(fns, min_time_s=0.02)
-                    except Exception as exc:
-                        log(f"tune_lut {fmt} {out_f}x{in_f} T={tokens} {cfg} ERROR {exc!r}"[:400])
-                        continue
-                    rows.append({"fmt": fmt, "out": out_f, "in": in_f, "tokens": tokens, **vars(cfg), "us": t * 1e6})
-                    score[cfg] = score.get(cfg, 0.0) + math.log(t)
-                    log(f"tune_lut {fmt} {out_f}x{in_f} T={tokens} {cfg} {t * 1e6:.1f} us")
-                del layers, first
-            counts = {
-                c: sum(
-                    1
-                    for r in rows
-                    if r["tokens"] == tokens
-                    and r["fmt"] == fmt
-                    and r["bo"] == c.bo
-                    and r["bi"] == c.bi
-                    and r["num_warps"] == c.num_warps
-                )
-                for c in score
-            }
-            full = {c: v for c, v in score.items() if counts[c] == 2}
-            if full:
-                best = min(full, key=lambda c: full[c])
-                triton_aqlm.OVERRIDES[(num_codebooks, 2**nbits, triton_aqlm.token_bucket(tokens))] = best
-                log(f"tune_lut best {fmt} T={tokens}: {best}")
-            torch.cuda.empty_cache()
-    return rows
-
-
 def tune_cuda(l2: int, shapes: list[tuple[int, int]], token_counts: list[int]) -> list[dict[str, Any]]:
     """Time the CUDA decode kernel at several split-K counts (and the planner's choice, ``splits`` 0)."""
     from aqlm_ctx.kernels import cuda_kernels
@@ -482,7 +419,6 @@ def main() -> None:
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--formats", default="2x8,1x8,1x16")
     parser.add_argument("--no-e2e", action="store_true")
-    parser.add_argument("--tune-first", action="store_true", help="sweep the lookup-table kernel, use the best")
     parser.add_argument("--impls", default="stock,triton,cuda,dispatch")
     args = parser.parse_args()
     if args.plot:
@@ -508,11 +444,6 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)
         return
-    if args.tune_first:
-        info["tune_lut"] = tune_lut(l2)
-        from aqlm_ctx.kernels import triton_aqlm
-
-        info["overrides"] = {str(k): vars(v) for k, v in triton_aqlm.OVERRIDES.items()}
     bw = dram_bandwidth()
     info["dram_bytes_per_s"] = bw
     log(f"{info['device']}: copy bandwidth {bw / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB")

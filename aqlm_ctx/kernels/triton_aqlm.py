@@ -8,8 +8,6 @@ codebooks ``[C, 2**nbits, 1, 8]``, scales ``[out, 1, 1, 1]``.
 * ``_aqlm_gemv_kernel`` (1-4 tokens): each program owns ``BO`` output rows and a slice of the input groups,
   gathers the codebook vectors (codebooks of 256 entries stay in L1), multiplies them with the tokens in
   registers and keeps a per-thread fp32 accumulator that is reduced once at the end.
-* ``_aqlm_lut_kernel`` (8-bit codebooks, opt-in via ``Config(bt=-1)``): per-group lookup tables built with
-  ``tl.dot`` and read with ``tl.gather``; correct but measured slower than the gemv kernel, so not the default.
 * ``_aqlm_gemm_kernel`` (more tokens): the same dequantized ``[BO, 8*BI]`` weight tile goes through ``tl.dot``
   (tensor cores) against a ``[BT, 8*BI]`` token tile.
 
@@ -256,91 +254,9 @@ def _aqlm_gemm_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["stride_cg"])
-def _aqlm_lut_kernel(
-    x_ptr,
-    codes_ptr,
-    cb_ptr,
-    scales_ptr,
-    bias_ptr,
-    y_ptr,
-    ws_ptr,
-    cnt_ptr,
-    n_tok,
-    n_out,
-    n_groups,
-    stride_xt,
-    stride_co,
-    stride_cg,
-    stride_cc,
-    stride_yt,
-    groups_per_split,
-    split,
-    NUM_CB: tl.constexpr,
-    CB_SIZE: tl.constexpr,
-    BO: tl.constexpr,
-    BI: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    USE_SPLIT: tl.constexpr,
-):
-    """8-bit codebooks, one token per program: a lookup table ``LUT[k, i] = codebook[k] . x[group i]`` per
-    group chunk (``tl.dot`` on tensor cores), then one shared-memory gather (``tl.gather``) per code instead of
-    gathering eight codebook values from L1 and doing eight FMAs."""
-    pid_t = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    KALL: tl.constexpr = NUM_CB * CB_SIZE
-    offs_o = pid_o * BO + tl.arange(0, BO)
-    mask_o = offs_o < n_out
-    offs_i = tl.arange(0, BI)
-    offs_b = tl.arange(0, 16)
-    offs_kall = tl.arange(0, KALL)
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, n_groups)
-    # all codebooks stacked, padded from 8 to 16 columns with zeros: [NUM_CB * CB_SIZE, 16]
-    cb = tl.load(cb_ptr + offs_kall[:, None] * 8 + offs_b[None, :], mask=(offs_b < 8)[None, :], other=0.0)
-    x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
-    code_rows = codes_ptr + offs_o.to(tl.int64)[:, None] * stride_co
-    acc = tl.zeros([BO, BI], dtype=tl.float32)
-    for g_off in range(0, groups_per_split, BI):
-        gi = g_start + g_off + offs_i
-        mask_i = gi < g_end
-        xt = tl.load(x_row + gi[None, :] * 8 + offs_b[:, None], mask=mask_i[None, :] & (offs_b < 8)[:, None], other=0.0)
-        lut = tl.dot(cb, xt)  # [KALL, BI] fp32
-        m2 = mask_o[:, None] & mask_i[None, :]
-        for c in tl.static_range(NUM_CB):
-            code = tl.load(code_rows + gi[None, :] * stride_cg + c * stride_cc, mask=m2, other=0)
-            idx = (code.to(tl.int32) & (CB_SIZE - 1)) + c * CB_SIZE
-            acc += tl.gather(lut, idx, axis=0)
-    res = tl.sum(acc, axis=1)[None, :]
-    offs_t = pid_t + tl.arange(0, 1)
-    tile_id = pid_t * tl.num_programs(1) + pid_o
-    _epilogue(
-        res,
-        offs_t,
-        offs_o,
-        offs_t < n_tok,
-        mask_o,
-        y_ptr,
-        stride_yt,
-        scales_ptr,
-        bias_ptr,
-        ws_ptr,
-        cnt_ptr,
-        n_tok,
-        n_out,
-        tile_id,
-        pid_k,
-        split,
-        HAS_BIAS,
-        USE_SPLIT,
-    )
-
-
 @dataclass(frozen=True)
 class Config:
-    """Launch parameters: ``bt`` tokens per tile (0: CUDA-core gemv, -1: lookup-table kernel, one token per
-    program), ``bo`` rows, ``bi`` groups per step."""
+    """Launch parameters: ``bt`` tokens per tile (0: CUDA-core gemv), ``bo`` rows, ``bi`` groups per step."""
 
     bt: int
     bo: int
@@ -385,20 +301,10 @@ def token_bucket(tokens: int) -> int:
     return 0
 
 
-# (num_codebooks, codebook_size, token bucket) -> Config; filled by benchmarks/kernels.py --tune-first.
-OVERRIDES: dict[tuple[int, int, int], Config] = {}
-_LUT_BROKEN: list[bool] = []
-
-
 def pick_config(tokens: int, out_features: int, in_groups: int, num_codebooks: int, codebook_size: int) -> Config:
     """Tile sizes by token count and codebook format (from sweeps on an H200, see BENCHMARKS.md)."""
     bucket = token_bucket(tokens)
-    cfg = OVERRIDES.get((num_codebooks, codebook_size, bucket))
-    if cfg is not None and not (cfg.bt < 0 and _LUT_BROKEN):
-        return cfg
     if codebook_size <= 256:
-        # The lookup-table kernel (bt=-1) is correct but measured 4-10x slower than the gemv kernel on an H200
-        # (tl.gather goes through shared memory element by element); it is only used when asked for explicitly.
         if bucket == 1:
             return Config(bt=0, bo=8, bi=32, num_warps=4) if num_codebooks == 2 else Config(0, 32, 32, 4)
         if bucket == 4:
@@ -458,7 +364,7 @@ def launch(
     index = input.device.index if input.device.index is not None else torch.cuda.current_device()
 
     o_tiles = -(-out_features // cfg.bo)
-    t_tiles = 1 if cfg.bt == 0 else tokens if cfg.bt < 0 else -(-tokens // cfg.bt)
+    t_tiles = 1 if cfg.bt == 0 else -(-tokens // cfg.bt)
     tiles = o_tiles * t_tiles
     split = _choose_split(tiles, in_groups, cfg.bi, index, cfg.split)
     cnt = None
@@ -498,14 +404,7 @@ def launch(
         split,
     )
     with torch.cuda.device(index):
-        if cfg.bt < 0:
-            try:
-                _launch_lut(
-                    (tokens, o_tiles, split), common, cfg, num_codebooks, codebook_size, b is not None, use_split
-                )
-            except _LutUnavailable:
-                return launch(input, codes, codebooks, scales, bias, None)
-        elif cfg.bt == 0:
+        if cfg.bt == 0:
             tp = _next_pow2(tokens)
             _aqlm_gemv_kernel[(o_tiles, split)](
                 *common,
@@ -533,39 +432,3 @@ def launch(
                 num_stages=cfg.num_stages,
             )
     return y.view(*lead, out_features)
-
-
-def _launch_lut(
-    grid: tuple[int, int, int],
-    common: tuple,
-    cfg: Config,
-    num_codebooks: int,
-    codebook_size: int,
-    has_bias: bool,
-    use_split: bool,
-) -> None:
-    """Launch the lookup-table kernel; if this triton cannot compile it, remember that and use the gemv kernel."""
-    try:
-        _aqlm_lut_kernel[grid](
-            *common,
-            NUM_CB=num_codebooks,
-            CB_SIZE=codebook_size,
-            BO=cfg.bo,
-            BI=cfg.bi,
-            HAS_BIAS=has_bias,
-            USE_SPLIT=use_split,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-    except Exception as exc:  # compilation failure (tl.gather lowering): fall back, once, loudly
-        if isinstance(exc, torch.cuda.OutOfMemoryError) or torch.cuda.is_current_stream_capturing():
-            raise
-        import warnings
-
-        warnings.warn(f"aqlm_ctx lookup-table kernel unavailable ({exc!r}); using the gemv kernel", stacklevel=3)
-        _LUT_BROKEN.append(True)
-        raise _LutUnavailable from exc
-
-
-class _LutUnavailable(RuntimeError):
-    """Raised once when the lookup-table kernel failed to compile; ``launch`` retries with another config."""
