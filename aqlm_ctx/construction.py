@@ -38,6 +38,7 @@ from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
 from .kernels import install_kernels
 from .layers import (
     check_divisible,
+    indivisible_layers_error,
     make_dense_in_place,
     new_quantized_linear,
     original_linear_init,
@@ -188,12 +189,7 @@ class _Block:
             and (message := check_divisible(layer.in_features, layer.out_features, config, _where(path, layer)))
         ]
         if problems:
-            raise ValueError(
-                "cannot quantize these layers with "
-                f"in_group_size={config.in_group_size}, out_group_size={config.out_group_size}:\n  "
-                + "\n  ".join(problems)
-                + "\nadd them to skip=[...] to keep them dense"
-            )
+            raise indivisible_layers_error(problems, config)
         # A layer whose weight was tied to another built layer's (stand-in) weight shares that layer's parameters.
         placeholders = {id(layer.placeholder): layer for layer in self.layers if layer.placeholder is not None}
         skipped_ids = {id(layer.module) for layer, _, skipped in decided if skipped}

@@ -54,6 +54,21 @@ def check_divisible(in_features: int, out_features: int, config: AqlmConfig, whe
     return f"{where}: Linear({in_features}, {out_features}): {' and '.join(problems)}"
 
 
+def indivisible_layers_error(problems: list[str], config: AqlmConfig, outcome: str = "") -> ValueError:
+    """The error for layers that :func:`check_divisible` refused, listing each ``problems`` message.
+
+    Args:
+        outcome: appended to the advice, e.g. ``"; the model was not changed"``.
+    """
+    return ValueError(
+        f"cannot quantize these layers with in_group_size={config.in_group_size}, "
+        f"out_group_size={config.out_group_size}:\n  "
+        + "\n  ".join(problems)
+        + "\nadd them to skip=[...] to keep them dense"
+        + outcome
+    )
+
+
 def new_quantized_linear(
     in_features: int, out_features: int, bias: bool, config: AqlmConfig, dtype: torch.dtype
 ) -> QuantizedLinear:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
-from .layers import check_divisible, make_quantized_in_place, new_quantized_linear
+from .layers import check_divisible, indivisible_layers_error, make_quantized_in_place, new_quantized_linear
 from .matching import SkipMatcher
 from .substitutions import substitution_for
 
@@ -89,12 +89,7 @@ def _replace(
     if problems:
         for parent, name, original in swapped:
             parent._modules[name] = original
-        raise ValueError(
-            "cannot quantize these layers with "
-            f"in_group_size={aqlm_config.in_group_size}, out_group_size={aqlm_config.out_group_size}:\n  "
-            + "\n  ".join(problems)
-            + "\nadd them to skip=[...] to keep them dense; the model was not changed"
-        )
+        raise indivisible_layers_error(problems, aqlm_config, "; the model was not changed")
     # Build every replacement first, then swap: the model ends fully converted or, on an error, untouched.
     templates = [
         new_quantized_linear(
