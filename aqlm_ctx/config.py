@@ -41,22 +41,26 @@ def _check_int(field: str, value: object, low: int, high: int | None = None) -> 
         raise ValueError(f"AqlmConfig.{field} must be {allowed}, got {value}")
 
 
-def _parse_dtype(value: object) -> torch.dtype | None:
-    """Accept a floating ``torch.dtype`` or its name (``"float16"``, ``"torch.bfloat16"``); ``None`` stays ``None``."""
+def parse_float_dtype(value: object, name: str) -> torch.dtype | None:
+    """A floating ``torch.dtype`` from a dtype or its name (``"float16"``, ``"torch.bfloat16"``); None stays None.
+
+    Args:
+        name: what the value is, for the error (``"AqlmConfig.dtype"``, ``"dtype"``).
+
+    Raises:
+        TypeError: neither a dtype, a string nor None.
+        ValueError: an unknown name, or a dtype that is not floating.
+    """
     if value is None or isinstance(value, torch.dtype):
         dtype = value
     elif isinstance(value, str):
         dtype = getattr(torch, value.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"AqlmConfig.dtype must name a floating torch dtype such as 'float16', got {value!r}")
+            raise ValueError(f"{name} must name a floating torch dtype such as 'float16', got {value!r}")
     else:
-        raise TypeError(
-            f"AqlmConfig.dtype must be a torch.dtype, a dtype name or None, got {value!r} ({type(value).__name__})"
-        )
+        raise TypeError(f"{name} must be a torch.dtype, a dtype name or None, got {value!r} ({type(value).__name__})")
     if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(
-            f"AqlmConfig.dtype must be a floating dtype (float16, bfloat16, float32, float64), got {dtype}"
-        )
+        raise ValueError(f"{name} must be a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
     return dtype
 
 
@@ -121,7 +125,7 @@ class AqlmConfig:
         _check_int("out_group_size", self.out_group_size, 1)
         _check_int("num_codebooks", self.num_codebooks, 1)
         _check_int("nbits_per_codebook", self.nbits_per_codebook, 1, 16)
-        object.__setattr__(self, "dtype", _parse_dtype(self.dtype))
+        object.__setattr__(self, "dtype", parse_float_dtype(self.dtype, "AqlmConfig.dtype"))
         object.__setattr__(self, "skip", _check_skip(self.skip))
 
     @property

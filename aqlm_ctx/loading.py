@@ -16,7 +16,7 @@ from aqlm import QuantizedLinear
 from torch import nn
 
 from .checkpoint import MappingReader, TensorReader, find_checkpoint_files, open_checkpoint
-from .config import AqlmConfig, read_checkpoint_config
+from .config import AqlmConfig, parse_float_dtype, read_checkpoint_config
 from .construction import aqlm_quantized
 from .kernels import install_kernels
 from .layers import strip_foreign_parameters
@@ -38,12 +38,8 @@ def _listing(items: list[str]) -> str:
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return None if dtype == "auto" else dtype  # type: ignore[return-value]
-    parsed = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
-    return parsed
+    """The ``dtype`` argument of the loaders: a floating dtype or its name; ``None`` and ``"auto"`` mean "as is"."""
+    return None if dtype == "auto" else parse_float_dtype(dtype, "dtype")
 
 
 @dataclass
@@ -453,7 +449,7 @@ def _finish(
 
 def _checkpoint_dtype(model_config: Mapping[str, Any]) -> torch.dtype | None:
     name = model_config.get("torch_dtype") or model_config.get("dtype")
-    return _parse_dtype(name) if isinstance(name, str) and name != "auto" else None
+    return parse_float_dtype(name, "config.json torch_dtype") if isinstance(name, str) and name != "auto" else None
 
 
 def _build_transformers_model(
