@@ -15,9 +15,8 @@ Paths, chosen per call by :func:`matmul`:
   copy of the codes ``[in_groups, out_features, num_codebooks]``, made on the layer's first CPU call and cached
   beside it (one more byte per code; the layer's ``codes`` parameter, its ``state_dict`` and checkpoints keep the
   checkpoint layout and are never modified).
-* Everything else (1x16, many tokens): :func:`_dequantize_kernel` dequantizes blocks of output rows
-  (:data:`DEQUANTIZE_BLOCK_BYTES`) into one reused buffer and ``torch.matmul`` applies each; the full dense weight
-  never exists.
+* Everything else (1x16, many tokens): blocks of output rows (:data:`DEQUANTIZE_BLOCK_BYTES`) are dequantized with
+  ``F.embedding`` and ``torch.matmul`` applies each; the full dense weight never exists.
 
 Threads. numba's OpenMP pool and torch's are separate; an idle OpenMP thread spins before it sleeps, so on a
 machine with few cores each pool slows the other down. The first call starts numba's pool with
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["LUT_MAX_TOKENS", "matmul", "supports"]
@@ -127,27 +127,6 @@ if numba is not None:
                 for p in range(n_parts):
                     s += partial[p, i, t]
                 out[t, i] = s * scales[i]
-
-    @_njit
-    def _dequantize_kernel(codebooks: Any, codes: Any, scales: Any, weight: Any, row_start: int) -> None:
-        # codebooks [C, K, g], codes [O, G, C] unsigned, scales [O], weight [R, G * g] <- rows row_start ... + R.
-        n_groups, n_cb = codes.shape[1], codes.shape[2]
-        group = codebooks.shape[2]
-        mask = codebooks.shape[1] - 1
-        for r in numba.prange(weight.shape[0]):
-            i = row_start + r
-            s = scales[i]
-            for j in range(n_groups):
-                base = j * group
-                k = np.intp(codes[i, j, 0]) & mask
-                for b in range(group):
-                    weight[r, base + b] = codebooks[0, k, b]
-                for c in range(1, n_cb):
-                    k = np.intp(codes[i, j, c]) & mask
-                    for b in range(group):
-                        weight[r, base + b] += codebooks[c, k, b]
-                for b in range(group):
-                    weight[r, base + b] *= s
 
 
 def supports(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
@@ -293,17 +272,18 @@ def matmul(
                         x_t.numpy(), cb.numpy(), codes_t, sc.numpy(), out[start : start + len(chunk)].numpy(), parts
                     )
     else:
-        codes_np = _unsigned_codes(codes)
+        # Blocks of output rows dequantized with torch's own ops and threads (no numba start for 1x16 models).
         cb = cb.clone()  # read once in order: the random gathers below then hit the cache instead of DRAM
         in_features = in_groups * in_group_size
         rows = max(1, min(out_features, DEQUANTIZE_BLOCK_BYTES // (4 * in_features)))
-        block = torch.empty(rows, in_features, dtype=torch.float32)
         for start in range(0, out_features, rows):
-            weight = block[: min(rows, out_features - start)]
-            with _LOCK:
-                _start_thread_pool()
-                _dequantize_kernel(cb.numpy(), codes_np, sc.numpy(), weight.numpy(), start)
-            torch.matmul(x, weight.T, out=out[:, start : start + weight.shape[0]])
+            stop = min(out_features, start + rows)
+            index = codes[start:stop].detach().to(torch.int32) & (codebook_size - 1)  # unsigned values
+            weight = F.embedding(index[..., 0], cb[0])
+            for c in range(1, num_codebooks):
+                weight += F.embedding(index[..., c], cb[c])
+            weight = weight.view(stop - start, in_features).mul_(sc[start:stop, None])
+            torch.matmul(x, weight.T, out=out[:, start:stop])
     if bias is not None:
         out += bias.detach().to(torch.float32)
     return out.to(input.dtype).reshape(*lead, out_features)
