@@ -16,7 +16,8 @@ Paths, chosen per call by :func:`matmul`:
   beside it (one more byte per code; the layer's ``codes`` parameter, its ``state_dict`` and checkpoints keep the
   checkpoint layout and are never modified).
 * Everything else (1x16, many tokens): blocks of output rows (:data:`DEQUANTIZE_BLOCK_BYTES`) are dequantized with
-  ``F.embedding`` and ``torch.matmul`` applies each; the full dense weight never exists.
+  :func:`~aqlm_ctx.kernels.reference.dequantize_weight` and ``torch.matmul`` applies each; the full dense weight
+  never exists.
 
 Threads. numba's OpenMP pool and torch's are separate; an idle OpenMP thread spins before it sleeps, so on a
 machine with few cores each pool slows the other down. The first call starts numba's pool with
@@ -34,8 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from .reference import dequantize_weight
 
 __all__ = ["LUT_MAX_TOKENS", "matmul", "supports"]
 
@@ -52,7 +54,7 @@ DEQUANTIZE_BLOCK_BYTES = 2 << 20
 
 #: Serialises kernel calls and guards the caches below.
 _LOCK = threading.Lock()
-#: codes tensor -> ((version, data pointer), input-major unsigned copy).
+#: codes tensor -> ((version, data pointer, codebook size), input-major unsigned copy).
 _INPUT_MAJOR_CODES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 _pool_started = False
 
@@ -273,16 +275,12 @@ def matmul(
                     )
     else:
         # Blocks of output rows dequantized with torch's own ops and threads (no numba start for 1x16 models).
-        cb = cb.clone()  # read once in order: the random gathers below then hit the cache instead of DRAM
-        in_features = in_groups * in_group_size
-        rows = max(1, min(out_features, DEQUANTIZE_BLOCK_BYTES // (4 * in_features)))
+        # The codebook copy reads it once in order: the random gathers then hit the cache instead of DRAM.
+        cb_blocks = cb.clone().view(num_codebooks, codebook_size, 1, in_group_size)
+        rows = max(1, min(out_features, DEQUANTIZE_BLOCK_BYTES // (4 * in_groups * in_group_size)))
         for start in range(0, out_features, rows):
             stop = min(out_features, start + rows)
-            index = codes[start:stop].detach().to(torch.int32) & (codebook_size - 1)  # unsigned values
-            weight = F.embedding(index[..., 0], cb[0])
-            for c in range(1, num_codebooks):
-                weight += F.embedding(index[..., c], cb[c])
-            weight = weight.view(stop - start, in_features).mul_(sc[start:stop, None])
+            weight = dequantize_weight(codes[start:stop].detach(), cb_blocks, sc[start:stop].view(-1, 1, 1, 1))
             torch.matmul(x, weight.T, out=out[:, start:stop])
     if bias is not None:
         out += bias.detach().to(torch.float32)

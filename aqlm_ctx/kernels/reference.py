@@ -20,11 +20,13 @@ def dequantize_weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torc
     """
     num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
     out_groups, in_groups, _ = codes.shape
-    indices = codes.long() % codebook_size + torch.arange(num_codebooks, device=codes.device) * codebook_size
-    groups = F.embedding_bag(
-        indices.reshape(-1, num_codebooks), codebooks.reshape(num_codebooks * codebook_size, -1), mode="sum"
-    )
-    groups = groups.view(out_groups, in_groups, out_group_size, in_group_size) * scales
+    # Unsigned values in int32 (codebook sizes are powers of two: 2**nbits); cheaper than int64 and embedding_bag.
+    indices = codes.to(torch.int32) & (codebook_size - 1)
+    vectors = codebooks.reshape(num_codebooks, codebook_size, -1)
+    groups = F.embedding(indices[..., 0], vectors[0])  # a fresh tensor: updated in place below, autograd allows it
+    for c in range(1, num_codebooks):
+        groups += F.embedding(indices[..., c], vectors[c])
+    groups = groups.view(out_groups, in_groups, out_group_size, in_group_size).mul_(scales)
     return groups.transpose(1, 2).reshape(out_groups * out_group_size, in_groups * in_group_size)
 
 
