@@ -83,7 +83,7 @@ def test_matches_reference_8bit(num_codebooks: int, in_group: int, bias: bool, t
     assert torch.equal(codes, codes_before)
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 7])
+@pytest.mark.parametrize("tokens", [1, 3, 7, 32, 33])
 @pytest.mark.parametrize("nbits", [16, 12, 4])
 def test_matches_reference_other_sizes(tokens: int, nbits: int) -> None:
     codes, codebooks, scales, b = make_layer(40, 64, 1, nbits, 8, seed=nbits)
@@ -96,8 +96,8 @@ def test_matches_reference_other_sizes(tokens: int, nbits: int) -> None:
 
 @pytest.mark.parametrize("tokens", [1, 5, 17, 40])
 def test_every_path_on_a_tiny_layer(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Force each path (lookup tables in token chunks, dequantized row blocks) on sizes that are not multiples of
-    the parts, chunks and blocks."""
+    """Force each path (lookup tables in token chunks, row tiles, dequantized row blocks) on sizes that are not
+    multiples of the parts, chunks, tiles and blocks."""
     codes, codebooks, scales, b = make_layer(19, 24, 3, 8, 4, seed=3)
     x = torch.randn(tokens, 24)
     ref = expected(x, codes, codebooks, scales, b)
@@ -106,8 +106,12 @@ def test_every_path_on_a_tiny_layer(tokens: int, monkeypatch: pytest.MonkeyPatch
     for lut_max in (0, 1000):
         monkeypatch.setattr(cpu, "LUT_MAX_TOKENS", lut_max)
         assert_close(cpu.matmul(x, codes, codebooks, scales, b), ref)
-    codes16, codebooks16, scales16, b16 = make_layer(19, 24, 2, 10, 4, seed=4)
-    assert_close(cpu.matmul(x, codes16, codebooks16, scales16, b16), expected(x, codes16, codebooks16, scales16, b16))
+    codes10, codebooks10, scales10, b10 = make_layer(19, 24, 2, 10, 4, seed=4)
+    ref10 = expected(x, codes10, codebooks10, scales10, b10)
+    monkeypatch.setattr(cpu, "TILE_ROWS", 8)  # 19 = 8 + 8 + 3
+    for tile_max in (0, 1000):
+        monkeypatch.setattr(cpu, "TILE_MAX_TOKENS", tile_max)
+        assert_close(cpu.matmul(x, codes10, codebooks10, scales10, b10), ref10)
 
 
 def test_codes_changed_in_place_are_seen_by_the_next_call() -> None:
@@ -222,6 +226,24 @@ def test_repeated_calls_at_default_threads_are_exact(big_layer: Layer) -> None:
             bad += int((cpu.matmul(x, codes, codebooks, scales, b) - ref).abs().max().item() > tol)
     assert bad == 0
     assert torch.equal(codes, codes_before)
+
+
+@pytest.mark.parametrize(("num_codebooks", "nbits", "tokens"), [(2, 8, 1), (2, 8, 5), (1, 16, 1), (1, 16, 6)])
+def test_results_do_not_depend_on_the_thread_count(num_codebooks: int, nbits: int, tokens: int) -> None:
+    """Bit for bit the same output with one numba thread and with the default number."""
+    import numba
+
+    codes, codebooks, scales, b = make_layer(1000, 1024, num_codebooks, nbits, 8, seed=12)
+    x = torch.randn(tokens, 1024)
+    default = numba.get_num_threads()
+    y = cpu.matmul(x, codes, codebooks, scales, b)
+    numba.set_num_threads(1)
+    try:
+        y1 = cpu.matmul(x, codes, codebooks, scales, b)
+    finally:
+        numba.set_num_threads(default)
+    assert torch.equal(y, y1)
+    assert_close(y, expected(x, codes, codebooks, scales, b))
 
 
 def test_concurrent_calls_from_four_threads(big_layer: Layer) -> None:

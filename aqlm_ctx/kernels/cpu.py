@@ -15,7 +15,12 @@ Paths, chosen per call by :func:`matmul`:
   copy of the codes ``[in_groups, out_features, num_codebooks]``, made on the layer's first CPU call and cached
   beside it (one more byte per code; the layer's ``codes`` parameter, its ``state_dict`` and checkpoints keep the
   checkpoint layout and are never modified).
-* Everything else (1x16, many tokens): blocks of output rows (:data:`DEQUANTIZE_BLOCK_BYTES`) are dequantized with
+* Larger codebooks (1x16), up to :data:`TILE_MAX_TOKENS` tokens: :func:`_row_tile_kernel` works through blocks of
+  :data:`TILE_ROWS` output rows; each block's weights are gathered from the codebooks into a small tile (L1/L2
+  cache) and dotted with every token at once. A row is computed by one thread in one fixed order, so again the
+  result does not depend on the thread count. (Its dot products are vectorised: LLVM may reassociate them, so the
+  last bits depend on the CPU's vector width, never on timing.)
+* Everything else (many tokens): blocks of output rows (:data:`DEQUANTIZE_BLOCK_BYTES`) are dequantized with
   :func:`~aqlm_ctx.kernels.reference.dequantize_weight` and ``torch.matmul`` applies each; the full dense weight
   never exists.
 
@@ -49,6 +54,10 @@ LUT_TOKEN_CHUNK = 16
 LUT_MAX_CODEBOOK_SIZE = 256
 #: Fixed number of input-group parts of the lookup-table kernel (independent of the thread count).
 LUT_PARTS = 8
+#: Up to this many tokens, codebooks of more than 256 entries run through the row-tile kernel.
+TILE_MAX_TOKENS = 32
+#: Output rows per block (and per gathered weight tile) of the row-tile kernel.
+TILE_ROWS = 8
 #: Bytes of dense float32 weight dequantized per block on the dequantize path.
 DEQUANTIZE_BLOCK_BYTES = 2 << 20
 
@@ -129,6 +138,32 @@ if numba is not None:
                 for p in range(n_parts):
                     s += partial[p, i, t]
                 out[t, i] = s * scales[i]
+
+    @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _row_tile_kernel(x: Any, codebooks: Any, codes: Any, mask: int, scales: Any, out: Any, rows: int) -> None:
+        # x [T, I], codebooks [C, K, g], codes [O, G, C] (unsigned; read & mask), scales [O], out [T, O].
+        n_rows, n_groups, n_cb = codes.shape
+        group = codebooks.shape[2]
+        n_tokens, in_features = x.shape
+        for block in numba.prange((n_rows + rows - 1) // rows):
+            first = block * rows
+            n = min(n_rows, first + rows) - first
+            tile = np.empty((n, in_features), dtype=np.float32)
+            for r in range(n):
+                for j in range(n_groups):
+                    k = np.intp(codes[first + r, j, 0]) & mask
+                    for e in range(group):
+                        tile[r, j * group + e] = codebooks[0, k, e]
+                    for c in range(1, n_cb):
+                        k = np.intp(codes[first + r, j, c]) & mask
+                        for e in range(group):
+                            tile[r, j * group + e] += codebooks[c, k, e]
+            for r in range(n):
+                for t in range(n_tokens):
+                    s = np.float32(0)
+                    for f in range(in_features):
+                        s += tile[r, f] * x[t, f]
+                    out[t, first + r] = s * scales[first + r]
 
 
 def supports(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
@@ -273,8 +308,15 @@ def matmul(
                     _lut_gemm_kernel(
                         x_t.numpy(), cb.numpy(), codes_t, sc.numpy(), out[start : start + len(chunk)].numpy(), parts
                     )
+    elif codebook_size > LUT_MAX_CODEBOOK_SIZE and n_tokens <= TILE_MAX_TOKENS:
+        with _LOCK:
+            _start_thread_pool()
+            _row_tile_kernel(
+                x.contiguous().numpy(), cb.numpy(), _unsigned_codes(codes), codebook_size - 1, sc.numpy(), out.numpy(),
+                TILE_ROWS,
+            )  # fmt: skip
     else:
-        # Blocks of output rows dequantized with torch's own ops and threads (no numba start for 1x16 models).
+        # Blocks of output rows dequantized with torch's own ops and threads.
         # The codebook copy reads it once in order: the random gathers then hit the cache instead of DRAM.
         cb_blocks = cb.clone().view(num_codebooks, codebook_size, 1, in_group_size)
         rows = max(1, min(out_features, DEQUANTIZE_BLOCK_BYTES // (4 * in_groups * in_group_size)))
