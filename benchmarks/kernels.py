@@ -1,7 +1,7 @@
 """Per-layer and end-to-end GPU timings: fp16 nn.Linear vs stock aqlm kernels vs aqlm_ctx's kernels.
 
 Implementations: ``stock`` (aqlm's ``get_forward_pass_kernel``), ``triton`` (aqlm_ctx's Triton kernels, any token
-count), ``cuda`` (aqlm_ctx's CUDA C++ decode kernels, 2x8/1x8, at most 32 tokens), ``prefill`` (the wgmma prefill
+count), ``cuda`` (aqlm_ctx's CUDA C++ decode kernels, 2x8/1x8/1x16, at most 32 tokens), ``prefill`` (the wgmma prefill
 kernel, 2x8/1x8, Hopper), ``dequant`` (our dequantizer into a scratch weight, then cuBLAS through ``F.linear``) and
 ``dispatch`` (whatever aqlm_ctx's dispatcher picks for the call: the numbers a model sees).
 
@@ -12,6 +12,7 @@ weights come from DRAM as they do in a real model. Usage (on a CUDA machine, aql
     python benchmarks/kernels.py --plot benchmarks/results/kernels.json   # PNG next to it (matplotlib)
     PYTHONPATH=. python benchmarks/kernels.py --tune                       # sweep Triton tile configs
     PYTHONPATH=. python benchmarks/kernels.py --tune-cuda --out cuda_splits.json  # sweep CUDA split-K counts
+    PYTHONPATH=. python benchmarks/kernels.py --tune-cuda --formats 1x16 --out t.json  # 1x16: gathers, warps, splits
     PYTHONPATH=. python benchmarks/kernels.py --tune-prefill --out prefill.json   # sweep prefill tiles and splits
 """
 
@@ -130,8 +131,10 @@ def layer_fn(impl: str, L: dict[str, torch.Tensor], x: torch.Tensor) -> Callable
     if impl == "triton":
         return lambda: triton_kernels.matmul(x, codes, codebooks, scales, None)
     if impl == "cuda":
-        if x.shape[0] > cuda_kernels.MAX_TOKENS or codebooks.shape[1] != 256:
-            raise ValueError("not covered by the CUDA decode kernel")
+        if x.shape[0] > cuda_kernels.MAX_TOKENS:
+            raise ValueError("not covered by the CUDA decode kernels")
+        if codebooks.shape[1] == 65536:
+            return lambda: cuda_kernels.matmul_1x16(x, codes, codebooks, scales, None)
         return lambda: cuda_kernels.matmul(x, codes, codebooks, scales, None)
     if impl == "prefill":
         if codebooks.shape[1] != 256:
@@ -285,12 +288,14 @@ def tune(l2: int) -> list[dict[str, Any]]:
     return out
 
 
-def tune_cuda(l2: int, shapes: list[tuple[int, int]], token_counts: list[int]) -> list[dict[str, Any]]:
-    """Time the CUDA decode kernel at several split-K counts (and the planner's choice, ``splits`` 0)."""
+def tune_cuda(
+    l2: int, shapes: list[tuple[int, int]], token_counts: list[int], formats: list[str]
+) -> list[dict[str, Any]]:
+    """Time the 2x8 / 1x8 CUDA decode kernel at several split-K counts (and the planner's choice, ``splits`` 0)."""
     from aqlm_ctx.kernels import cuda_kernels
 
     rows: list[dict[str, Any]] = []
-    for fmt in ("2x8", "1x8"):
+    for fmt in formats:
         for out_f, in_f in shapes:
             first = make_aqlm(fmt, out_f, in_f, torch.float16)
             layers = [first] + [
@@ -324,6 +329,49 @@ def tune_cuda(l2: int, shapes: list[tuple[int, int]], token_counts: list[int]) -
                     log(f"tune_cuda {fmt} {out_f}x{in_f} T={tokens} splits={splits}->{actual} {t:.1f} us")
             del layers, first
             torch.cuda.empty_cache()
+    return rows
+
+
+# (gather, warps) pairs the 1x16 sweep tries: L1 / L2 gathers with 4 or 8 warps per CTA, the shared-memory cache with
+# 16 or 8 warps (one CTA per SM).
+TUNE_1X16 = [(0, 8), (0, 4), (1, 8), (1, 4), (2, 16), (2, 8)]
+
+
+def tune_cuda_1x16(l2: int, shapes: list[tuple[int, int]], token_counts: list[int]) -> list[dict[str, Any]]:
+    """Time the 1x16 decode kernel for each gather mode and CTA size at several split-K counts (0: the planner's)."""
+    from aqlm_ctx.kernels import cuda_kernels
+
+    rows: list[dict[str, Any]] = []
+    props = torch.cuda.get_device_properties(0)
+    sm = props.multi_processor_count
+    for out_f, in_f in shapes:
+        first = make_aqlm("1x16", out_f, in_f, torch.float16)
+        layers = [first] + [
+            make_aqlm("1x16", out_f, in_f, torch.float16) for _ in range(copies_for(nbytes(first), l2) - 1)
+        ]
+        for tokens in token_counts:
+            x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
+            for gather, warps in TUNE_1X16:
+                for splits in (0, 1, 2, 4, 8, 16):
+                    plan = cuda_kernels.plan_1x16(tokens, out_f, in_f // 8, sm, splits, gather, warps)
+                    if splits and plan.splits != splits:
+                        continue
+                    fns = [
+                        lambda L=L, s=splits, g=gather, w=warps, x=x: cuda_kernels.launch_1x16(
+                            x, L["codes"], L["codebooks"], L["scales"], None, s, g, w
+                        )
+                        for L in layers
+                    ]
+                    try:
+                        t = graph_time(fns, min_time_s=0.02) * 1e6
+                    except Exception as exc:
+                        log(f"tune_cuda_1x16 {out_f}x{in_f} T={tokens} {gather}/{warps}/{splits} ERROR {exc}")
+                        continue
+                    rows.append({"fmt": "1x16", "out": out_f, "in": in_f, "tokens": tokens, "us": t, **plan._asdict()})
+                    rows[-1]["requested_splits"] = splits
+                    log(f"tune_cuda_1x16 {out_f}x{in_f} T={tokens} gather={gather} warps={warps} {plan} {t:.1f} us")
+        del layers, first
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -437,10 +485,15 @@ def main() -> None:
     shapes = SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     if args.tune or args.tune_cuda or args.tune_prefill:
         token_counts = list(map(int, args.tokens.split(",")))
+        formats = args.formats.split(",")
         if args.tune_prefill:
             info["tune"] = tune_prefill(l2, shapes, token_counts)
+        elif args.tune:
+            info["tune"] = tune(l2)
         else:
-            info["tune"] = tune(l2) if args.tune else tune_cuda(l2, shapes, token_counts)
+            info["tune"] = tune_cuda(l2, shapes, token_counts, [f for f in formats if f != "1x16"])
+            if "1x16" in formats:
+                info["tune"] += tune_cuda_1x16(l2, shapes, token_counts)
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)
         return

@@ -1,4 +1,4 @@
-"""aqlm_ctx's Triton kernels against a plain-torch dequantized reference (GPU), plus CPU-side guards."""
+"""aqlm_ctx's Triton and CUDA C++ kernels against plain-torch dequantized references (GPU), plus CPU-side guards."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def test_quantized_linear_dispatches_to_triton(monkeypatch: pytest.MonkeyPatch) 
     calls: list[int] = []
     real = triton_kernels.matmul
     monkeypatch.setattr(triton_kernels, "matmul", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    x = torch.randn(40, 256, device="cuda", dtype=torch.float16)  # 1x16: CUDA decode up to 32 tokens, Triton above
     with torch.no_grad():
         out = layer(x)
     assert calls
@@ -227,7 +227,7 @@ def test_cuda_graph_capture(fmt: str, tokens: int) -> None:
         assert rel_err(static_y, reference(static_x, codes, codebooks, scales, bias)) < TOLERANCE[torch.float16]
 
 
-# ---------------------------------------------------------------- CUDA C++ decode kernels (2x8, 1x8)
+# ---------------------------------------------------------------- CUDA C++ decode kernels (2x8, 1x8; 1x16 below)
 
 DECODE_FORMATS = ["2x8", "1x8"]
 
@@ -417,6 +417,186 @@ def test_cuda_decode_graph_compile_and_dispatch(fmt: str, monkeypatch: pytest.Mo
     with torch.no_grad():
         fallback = layer(x)
     assert len(calls) == 1 and rel_err(fallback, decode_reference(x, codes, codebooks, scales, bias)) < 4e-3
+
+
+# ---------------------------------------------------------------- CUDA C++ decode kernel for 1x16 (codebook via L1/L2)
+
+GATHERS_1X16 = [0, 1, 2]  # cuda_kernels.GATHER_L1, GATHER_L2, GATHER_SHARED
+
+
+def test_cuda_decode_1x16_plan() -> None:
+    from aqlm_ctx.kernels.cuda_kernels import GATHER_SHARED, _x_slots_1x16, plan_1x16
+
+    for tokens in (1, 7, 16, 32):
+        for out_f, groups in ((4096, 512), (8192, 3584), (28672, 1024), (300, 80), (16, 8)):
+            for gather in (-1, 0, 1, 2):
+                for splits in (0, 1, 3):
+                    p = plan_1x16(tokens, out_f, groups, 132, splits=splits, gather=gather)
+                    assert p.groups_per_split % 32 == 0 and p.window_groups % 32 == 0
+                    assert 0 < p.window_groups <= p.groups_per_split
+                    assert p.splits == -(-groups // p.groups_per_split) and (p.splits - 1) * p.groups_per_split < groups
+                    assert 1 <= p.grid <= p.splits * -(-out_f // (16 * p.warps)) and 1 <= p.warps <= 16
+                    assert 0 <= p.carveout <= 100
+                    if gather == GATHER_SHARED:
+                        assert p.cache_entries > 0 and p.grid <= 132
+                        assert (p.cache_entries + tokens * _x_slots_1x16(p.window_groups)) * 16 + 1024 <= 227 * 1024
+                    else:
+                        assert p.cache_entries == 0 and p.grid <= 132 * 16 // p.warps
+    assert _x_slots_1x16(32) % 8 == 4 and _x_slots_1x16(896) >= 896 * 9 // 8
+
+
+def test_cuda_decode_1x16_declines_cpu_tensors() -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+
+    codes, codebooks, scales = make_layer("1x16", 16, 128, torch.float16, "cpu")
+    assert not cuda_kernels.supports_1x16(torch.randn(1, 128, dtype=torch.float16), codes, codebooks, scales, None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("tokens", [1, 3, 7, 16, 32])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cuda_decode_1x16_matches_reference(dtype_name: str, tokens: int, with_bias: bool) -> None:
+    """Every gather mode, forced split counts and CTA sizes, against the plain-torch dequantized reference."""
+    from aqlm_ctx.kernels import cuda_kernels
+
+    dtype = DTYPES[dtype_name]
+    out_features, in_features = 300, 8 * 80  # a partial row block, a partial superstep of 32 groups
+    codes, codebooks, scales = make_layer("1x16", out_features, in_features, dtype, "cuda", seed=tokens)
+    assert int(codes.min()) < -30000 and int(codes.max()) > 30000  # the full signed int16 range
+    codes_before = codes.clone()
+    bias = torch.randn(out_features, device="cuda").to(dtype) if with_bias else None
+    x = torch.randn(tokens, in_features, device="cuda").to(dtype)
+    low, high = cuda_kernels.DECODE_1X16_TOKEN_RANGE
+    assert cuda_kernels.supports_1x16(x, codes, codebooks, scales, bias) == (low <= tokens <= high)
+    ref = decode_reference(x, codes, codebooks, scales, bias)
+    for gather in GATHERS_1X16:
+        for splits in (0, 1, 3):
+            for warps in (0, 4):
+                out = cuda_kernels.launch_1x16(x, codes, codebooks, scales, bias, splits, gather, warps)
+                assert out.shape == (tokens, out_features) and out.dtype == dtype
+                assert rel_err(out, ref) < TOLERANCE[dtype], (gather, splits, warps)
+    assert rel_err(cuda_kernels.matmul_1x16(x, codes, codebooks, scales, bias), ref) < TOLERANCE[dtype]
+    assert (
+        rel_err(
+            cuda_kernels.matmul_1x16(x, codes, codebooks, scales, bias), reference(x, codes, codebooks, scales, bias)
+        )
+        < TOLERANCE[dtype]
+    )
+    assert torch.equal(codes, codes_before)
+
+
+@requires_cuda
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_cuda_decode_1x16_windows_splits_and_persistent_ctas(tokens: int) -> None:
+    """Several x windows per split, several splits per row block, CTAs that loop over several tiles; deterministic."""
+    from aqlm_ctx.kernels import cuda_kernels
+
+    codes, codebooks, scales = make_layer("1x16", 8192, 8192, torch.float16, "cuda", seed=2)
+    bias = torch.randn(8192, device="cuda", dtype=torch.float16)
+    x = torch.randn(tokens, 8192, device="cuda", dtype=torch.float16)
+    ref = decode_reference(x, codes, codebooks, scales, bias)
+    for gather, warps, splits in ((0, 8, 1), (0, 4, 8), (1, 8, 5), (2, 16, 8)):
+        outs = [cuda_kernels.launch_1x16(x, codes, codebooks, scales, bias, splits, gather, warps) for _ in range(10)]
+        assert rel_err(outs[0], ref) < TOLERANCE[torch.float16], (gather, warps, splits)
+        assert all(torch.equal(o, outs[0]) for o in outs[1:]), (gather, warps, splits)
+
+
+@requires_cuda
+def test_cuda_decode_1x16_3d_non_contiguous_and_misaligned_inputs() -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+
+    codes, codebooks, scales = make_layer("1x16", 96, 256, torch.bfloat16, "cuda", seed=3)
+    bias = torch.randn(96, device="cuda", dtype=torch.bfloat16)
+    x3 = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16)
+    out = cuda_kernels.matmul_1x16(x3, codes, codebooks, scales, bias)
+    ref = decode_reference(x3.reshape(-1, 256), codes, codebooks, scales, bias).view(2, 3, 96)
+    assert out.shape == (2, 3, 96) and rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+    wide = torch.randn(3, 520, device="cuda", dtype=torch.bfloat16)
+    for x in (wide[:, :512:2], wide[:, 1:257], torch.randn(256, 3, device="cuda", dtype=torch.bfloat16).T):
+        assert not x.is_contiguous()
+        assert cuda_kernels.supports_1x16(x, codes, codebooks, scales, bias)
+        out = cuda_kernels.matmul_1x16(x, codes, codebooks, scales, bias)
+        assert rel_err(out, decode_reference(x, codes, codebooks, scales, bias)) < TOLERANCE[torch.bfloat16]
+    assert cuda_kernels.matmul_1x16(x3[:0], codes, codebooks, scales, bias).shape == (0, 3, 96)
+
+
+@requires_cuda
+def test_cuda_decode_1x16_declines_what_it_does_not_cover() -> None:
+    from aqlm_ctx.kernels import cuda_kernels
+
+    codes, codebooks, scales = make_layer("1x16", 32, 128, torch.float16, "cuda")
+    low, high = cuda_kernels.DECODE_1X16_TOKEN_RANGE
+    x = torch.randn(low, 128, device="cuda", dtype=torch.float16)
+    assert cuda_kernels.supports_1x16(x, codes, codebooks, scales, None)
+    assert not cuda_kernels.supports_1x16(x.float(), codes, codebooks, scales, None)
+    assert not cuda_kernels.supports_1x16(x, codes, codebooks.bfloat16(), scales, None)
+    for tokens in (low - 1, high + 1):  # 1 token goes to Triton (faster there), more than 32 to Triton / dequantize
+        outside = torch.randn(tokens, 128, device="cuda", dtype=torch.float16)
+        assert not cuda_kernels.supports_1x16(outside, codes, codebooks, scales, None)
+    odd_codes, odd_codebooks, odd_scales = make_layer("1x16", 32, 8 * 12, torch.float16, "cuda")  # 24-byte code rows
+    assert not cuda_kernels.supports_1x16(x[:, :96], odd_codes, odd_codebooks, odd_scales, None)
+    codes8, codebooks8, scales8 = make_layer("2x8", 32, 128, torch.float16, "cuda")
+    assert not cuda_kernels.supports_1x16(x, codes8, codebooks8, scales8, None)
+
+
+@requires_cuda
+def test_cuda_decode_1x16_graph_compile_and_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA-graph capture, torch.compile(fullgraph), dispatch through aqlm.QuantizedLinear, the off switch and the
+    build-failure fallback (Triton)."""
+    aqlm = pytest.importorskip("aqlm")
+    from aqlm_ctx.kernels import cuda_kernels
+    from aqlm_ctx.kernels.dispatch import install_kernels
+
+    codes, codebooks, scales = make_layer("1x16", 512, 1024, torch.float16, "cuda", seed=13)
+    bias = torch.randn(512, device="cuda", dtype=torch.float16)
+    static_x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
+    cuda_kernels.matmul_1x16(static_x, codes, codebooks, scales, bias)  # build and counters outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = cuda_kernels.matmul_1x16(static_x, codes, codebooks, scales, bias)
+    for _ in range(3):
+        static_x.copy_(torch.randn(4, 1024, device="cuda", dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_y, decode_reference(static_x, codes, codebooks, scales, bias)) < 4e-3
+
+    compiled = torch.compile(
+        lambda x: torch.relu(cuda_kernels.matmul_1x16(x, codes, codebooks, scales, bias)), fullgraph=True
+    )
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 1024, device="cuda", dtype=torch.float16)
+        ref = torch.relu(decode_reference(x, codes, codebooks, scales, bias))
+        assert rel_err(compiled(x), ref) < 4e-3
+
+    layer = aqlm.QuantizedLinear(1024, 512, 8, 1, 1, 16, bias=True, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        layer.codes.copy_(codes)
+        layer.codebooks.copy_(codebooks)
+        layer.scales.copy_(scales)
+        layer.bias.copy_(bias)
+    install_kernels(layer)
+    calls: list[int] = []
+    real = cuda_kernels.matmul_1x16
+    monkeypatch.setattr(cuda_kernels, "matmul_1x16", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.float16)
+    ref = decode_reference(x, codes, codebooks, scales, bias)
+    with torch.no_grad():
+        out = layer(x)
+    assert calls and rel_err(out, ref) < 4e-3
+    monkeypatch.setenv("AQLM_CTX_GPU_KERNELS", "0")
+    with torch.no_grad():
+        stock = layer(x)
+    assert len(calls) == 1 and rel_err(stock, ref) < 4e-3
+    monkeypatch.delenv("AQLM_CTX_GPU_KERNELS")
+    monkeypatch.setitem(cuda_kernels._MODULES, cuda_kernels._arch(x.device), None)  # as if the build had failed
+    triton_calls: list[int] = []
+    real_triton = triton_kernels.matmul
+    monkeypatch.setattr(triton_kernels, "matmul", lambda *a: triton_calls.append(1) or real_triton(*a))
+    with torch.no_grad():
+        fallback = layer(x)
+    assert len(calls) == 1 and triton_calls and rel_err(fallback, ref) < 4e-3
 
 
 # ---------------------------------------------------------------- CUDA prefill (wgmma) and dequantize-then-cuBLAS

@@ -1,24 +1,26 @@
-"""CUDA C++ kernels for AQLM layers (in_group_size 8, out_group_size 1): decode (2x8 and 1x8, 1 to 32 tokens),
+"""CUDA C++ kernels for AQLM layers (in_group_size 8, out_group_size 1): decode (2x8, 1x8 and 1x16, 1 to 32 tokens),
 prefill (2x8 and 1x8, many tokens, Hopper) and a dequantizer (2x8, 1x8, 1x16) for dequantize-then-cuBLAS.
 
-The decode kernels (``csrc/aqlm_decode.cu``, shipped with the package) keep the codebooks in shared memory, replicated 8
-times so that 16-byte reads never conflict, stream the codes with 16-byte loads, decode each 8-weight group once
-into tensor-core operands that serve every token of the call, and fuse scales and bias; split-K with a
-deterministic reduction fills the GPU when a layer has few output rows. The prefill kernel (``csrc/aqlm_prefill.cu``,
-sm_90a) decodes the same way straight into the register operand of ``wgmma`` (the weight) and streams tiles of up
-to 256 tokens through shared memory as the other operand, so the weight is never written out. The kernels are
-compiled on first use with
+The 2x8 / 1x8 decode kernel (``csrc/aqlm_decode.cu``, shipped with the package) keeps the codebooks in shared memory,
+replicated 8 times so that 16-byte reads never conflict, streams the codes with 16-byte loads, decodes each 8-weight
+group once into tensor-core operands that serve every token of the call, and fuses scales and bias; split-K with a
+deterministic reduction fills the GPU when a layer has few output rows. The 1x16 decode kernel (same file) has the
+same structure, but its 1 MiB codebook does not fit in shared memory: each group is one random 16-byte read through
+L1 / L2, many of them kept in flight per thread, on persistent CTAs (:func:`plan_1x16`). The prefill kernel
+(``csrc/aqlm_prefill.cu``, sm_90a) decodes the same way straight into the register operand of ``wgmma`` (the
+weight) and streams tiles of up to 256 tokens through shared memory as the other operand, so the weight is never
+written out. The kernels are compiled on first use with
 ``torch.utils.cpp_extension.load`` (nvcc and ninja needed; build cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). When the build fails, :func:`supports` answers False from then on and a warning is
-issued once, so the dispatcher falls back to the Triton or stock kernels.
+``~/.cache/torch_extensions``). When the build fails, the ``supports*`` functions answer False from then on and a
+warning is issued once, so the dispatcher falls back to the Triton or stock kernels.
 
 Codes are read in the checkpoint layout ``[out_features, in_features / 8, num_codebooks]``; no copy is kept.
-Split-K uses one int32 ticket counter per block of 256 output rows and device; launches of these kernels on two
+Split-K uses one int32 ticket counter per block of output rows and device; launches of these kernels on two
 streams of one device at the same time could share counters, so run them on one stream per device.
 
-The matmuls are the custom ops ``torch.ops.aqlm_ctx.aqlm_decode`` and ``aqlm_prefill``, and the dequantizer is
-``aqlm_dequantize`` (each with a fake implementation), so that ``torch.compile`` sees opaque nodes and CUDA graphs
-capture one launch per layer (two for dequantize-then-cuBLAS).
+The matmuls are the custom ops ``torch.ops.aqlm_ctx.aqlm_decode``, ``aqlm_decode_1x16`` and ``aqlm_prefill``, and the
+dequantizer is ``aqlm_dequantize`` (each with a fake implementation), so that ``torch.compile`` sees opaque nodes and
+CUDA graphs capture one launch per layer (two for dequantize-then-cuBLAS).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import functools
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
 
@@ -34,23 +37,32 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DECODE_1X16_TOKEN_RANGE",
     "DEQUANTIZED_TOKEN_RANGES",
+    "GATHER_L1",
+    "GATHER_L2",
+    "GATHER_SHARED",
     "MAX_TOKENS",
     "PREFILL_TOKEN_RANGES",
     "TOKEN_RANGES",
     "Plan",
+    "Plan1x16",
     "PrefillPlan",
     "build",
     "dequantize",
     "dequantized_matmul",
     "launch",
+    "launch_1x16",
     "launch_prefill",
     "matmul",
+    "matmul_1x16",
     "plan",
+    "plan_1x16",
     "plan_prefill",
     "prefill_preferred",
     "prefill_matmul",
     "supports",
+    "supports_1x16",
     "supports_dequantized",
     "supports_prefill",
 ]
@@ -81,6 +93,21 @@ DEQUANTIZED_TOKEN_RANGES: dict[tuple[int, int], tuple[int, int]] = {
     (1, 256): (33, 1 << 30),
     (1, 65536): (64, 1 << 30),
 }
+
+# 1x16 decode kernel. Inclusive token range where it measured faster than aqlm's stock kernel and our Triton kernel
+# on an H100 (BENCHMARKS.md, "1x16 decode (CUDA)"): at 1 token Triton was as fast or faster on 4 of 5 layer shapes,
+# from 4 tokens on this kernel was faster everywhere. supports_1x16() declines outside it.
+DECODE_1X16_TOKEN_RANGE = (2, 32)
+# How it reads codebook entries (Gather1x16 in csrc/aqlm_decode.h): through L1, from L2 only, or the first entries
+# from a copy in shared memory (as many as fit) and the rest from L2. All three ran at about the same rate on an H100
+# (within 2-5%, L1 best or close to best except 1 token on the largest layers); the others stay for the sweep
+# (benchmarks/kernels.py --tune-cuda --formats 1x16).
+GATHER_L1, GATHER_L2, GATHER_SHARED = 0, 1, 2
+GATHER_1X16 = GATHER_L1  # the planner's default
+WARPS_1X16 = 8  # warps per CTA (16 output rows each) unless GATHER_SHARED (16 warps, one CTA per SM)
+MAX_WARPS_1X16 = 16  # kMaxWarps1x16 in csrc/aqlm_decode.h
+X_WINDOW_BYTES_1X16 = 16 * 1024  # shared memory for x per CTA (8 KiB with GATHER_SHARED, where the rest is codebook)
+TILE_OVERHEAD_STEPS = 1  # the planner's fixed cost of a (row block, split) tile, in 32-group supersteps
 
 _LOCK = threading.Lock()
 _MODULES: dict[str, ModuleType | None] = {}
@@ -212,6 +239,30 @@ def supports(
     return not _build_failed(input.device)
 
 
+def supports_1x16(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> bool:
+    """Whether :func:`matmul_1x16` should handle this call: a 1x16 layer (one codebook of 65536 entries, int16 codes,
+    in_group_size 8, out_group_size 1) covered as in :func:`supports`, in_features a multiple of 64 (code rows of a
+    multiple of 16 bytes), a token count in :data:`DECODE_1X16_TOKEN_RANGE`, and an extension that builds.
+
+    Example:
+        >>> supports_1x16(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
+    """
+    if not _covered(input, codes, codebooks, scales, bias):
+        return False
+    if tuple(codebooks.shape[:2]) != (1, 65536) or codes.dtype != torch.int16:
+        return False
+    if codes.shape[1] % 8 or codes.data_ptr() % 16 or codes.shape[0] > MAX_COUNTERS * 16:
+        return False
+    low, high = DECODE_1X16_TOKEN_RANGE
+    return low <= _tokens(input) <= high and not _build_failed(input.device)
+
+
 def supports_prefill(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -308,6 +359,13 @@ def _counters(device: torch.device) -> torch.Tensor:
     return cnt
 
 
+def _module(device: torch.device) -> ModuleType:
+    module = build(device)
+    if module is None:
+        raise RuntimeError("aqlm_ctx CUDA kernels are not available (build failed)")
+    return module
+
+
 def launch(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -316,7 +374,7 @@ def launch(
     bias: torch.Tensor | None,
     splits: int = 0,
 ) -> torch.Tensor:
-    """``input @ W.T + bias`` with the CUDA decode kernel (``splits`` > 0 forces the split-K count).
+    """``input @ W.T + bias`` with the 2x8 / 1x8 CUDA decode kernel (``splits`` > 0 forces the split-K count).
 
     Raises:
         RuntimeError: the extension cannot be built here.
@@ -325,9 +383,7 @@ def launch(
     Example:
         >>> launch(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
     """
-    module = build(input.device)
-    if module is None:
-        raise RuntimeError("aqlm_ctx CUDA kernels are not available (build failed)")
+    module = _module(input.device)
     out_features, groups, num_codebooks = codes.shape
     lead = input.shape[:-1]
     x = _flat_input(input, groups * 8)
@@ -354,44 +410,141 @@ def launch(
     return y.view(*lead, out_features)
 
 
-@torch.library.custom_op("aqlm_ctx::aqlm_decode", mutates_args=(), device_types="cuda")
-def _aqlm_decode_op(
-    input: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    if build(input.device) is None:  # only reachable when the first call was traced by torch.compile
-        return _fallback(input, codes, codebooks, scales, bias)
-    with torch.cuda.device(input.device):
-        return launch(input, codes, codebooks, scales, bias)
+class Plan1x16(NamedTuple):
+    """1x16 launch shape: split-K count, input groups per split, groups of x staged at a time, warps per CTA (16 rows
+    each), persistent CTAs, gather mode, codebook entries cached in shared memory, shared-memory carveout (%)."""
+
+    splits: int
+    groups_per_split: int
+    window_groups: int
+    warps: int
+    grid: int
+    gather: int
+    cache_entries: int
+    carveout: int
 
 
-@_aqlm_decode_op.register_fake
-def _aqlm_decode_fake(
-    input: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    return input.new_empty((*input.shape[:-1], codes.shape[0]))
+def _x_slots_1x16(window_groups: int) -> int:
+    """decode_x_slots(8, window) in csrc/aqlm_decode.h: 9 slots per 8 groups, padded to 4 mod 8."""
+    slots = window_groups + window_groups // 8
+    return slots + (4 - slots) % 8
 
 
-def matmul(
-    input: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """``input @ W.T + bias`` on the GPU for a layer :func:`supports` accepts (custom op). Codes are only read.
+def plan_1x16(
+    tokens: int,
+    out_features: int,
+    groups: int,
+    sm_count: int,
+    splits: int = 0,
+    gather: int = -1,
+    warps: int = 0,
+    shared_per_cta: int = 227 * 1024,
+    shared_per_sm: int = 228 * 1024,
+) -> Plan1x16:
+    """Launch shape of the 1x16 kernel. ``gather`` (default :data:`GATHER_1X16`) and ``warps`` (default
+    :data:`WARPS_1X16`, 16 with ``GATHER_SHARED``) unless given; CTAs hold up to 128 registers a thread, so
+    ``16 // warps`` of them fit an SM (one with ``GATHER_SHARED``), and the grid is that many per SM, persistent.
+    Unless ``splits`` is given, there is no split-K when the row blocks alone give every SM a CTA (measured best at
+    16 and 32 tokens on 28672x8192, where the fp32 partials cost most); otherwise the split-K count minimises the
+    busiest SM's work, ``ceil(tiles / sm_count)`` tiles of ``groups_per_split / 32 + TILE_OVERHEAD_STEPS``
+    supersteps, up to half as much again when the tiles leave CTA slots empty (fewer warps to overlap the codebook
+    reads). The x window is the largest within
+    :data:`X_WINDOW_BYTES_1X16` (8 KiB with ``GATHER_SHARED``, which caches as many codebook entries as then fit in
+    ``shared_per_cta``).
 
     Example:
-        >>> y = matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
+        >>> plan_1x16(1, 8192, 3584, 132)  # doctest: +SKIP
     """
-    return torch.ops.aqlm_ctx.aqlm_decode(input, codes, codebooks, scales, bias)
+    gather = GATHER_1X16 if gather < 0 else gather
+    shared = gather == GATHER_SHARED
+    if warps <= 0:
+        warps = MAX_WARPS_1X16 if shared else WARPS_1X16
+    ctas_per_sm = 1 if shared else max(1, MAX_WARPS_1X16 // warps)
+    row_blocks = -(-out_features // (16 * warps))
+    steps = -(-groups // 32)
+    slots = ctas_per_sm * sm_count
+    if splits <= 0 and row_blocks >= sm_count:
+        splits = 1
+    elif splits <= 0:
+        best = (float("inf"), 1)
+        for candidate in range(1, min(steps, 64) + 1):
+            per_split = -(-steps // candidate)
+            tiles = row_blocks * -(-steps // per_split)
+            load = -(-tiles // sm_count) * (per_split + TILE_OVERHEAD_STEPS)
+            best = min(best, (load * (1.5 - 0.5 * min(tiles, slots) / slots), candidate))
+        splits = best[1]
+    groups_per_split = -(-steps // max(1, min(splits, steps))) * 32
+    splits = -(-groups // groups_per_split)
+    budget = X_WINDOW_BYTES_1X16 // 2 if shared else X_WINDOW_BYTES_1X16
+    window = min(max(32, budget // (tokens * 18) // 32 * 32), groups_per_split)
+    x_bytes = tokens * _x_slots_1x16(window) * 16
+    cache_entries = 0
+    carveout = 100
+    if shared:
+        cache_entries = min(65536, max(0, (shared_per_cta - x_bytes - 1024) // 16 // 256 * 256))
+    else:
+        carveout = min(100, -(-ctas_per_sm * (x_bytes + 1024) * 100 // shared_per_sm))
+    grid = min(row_blocks * splits, slots)
+    return Plan1x16(splits, groups_per_split, window, warps, grid, gather, cache_entries, carveout)
+
+
+@functools.cache
+def _shared_memory(index: int) -> tuple[int, int]:
+    """Opt-in shared memory per CTA and shared memory per SM, in bytes."""
+    props = torch.cuda.get_device_properties(index)
+    per_cta = int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+    per_sm = int(getattr(props, "shared_memory_per_multiprocessor", per_cta + 1024))
+    return per_cta, per_sm
+
+
+def launch_1x16(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    splits: int = 0,
+    gather: int = -1,
+    warps: int = 0,
+) -> torch.Tensor:
+    """``input @ W.T + bias`` with the 1x16 CUDA decode kernel (``splits``, ``gather``, ``warps`` force the plan:
+    :func:`plan_1x16`).
+
+    Raises:
+        RuntimeError: the extension cannot be built here.
+        ValueError: more than :data:`MAX_TOKENS` tokens.
+
+    Example:
+        >>> launch_1x16(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
+    """
+    module = _module(input.device)
+    out_features, groups, _ = codes.shape
+    lead = input.shape[:-1]
+    x = _flat_input(input, groups * 8)
+    tokens = x.shape[0]
+    if tokens > MAX_TOKENS:
+        raise ValueError(f"the CUDA decode kernel takes at most {MAX_TOKENS} tokens, got {tokens}")
+    if tokens == 0:
+        return input.new_empty((*lead, out_features))
+    index = _index(input.device)
+    p = plan_1x16(tokens, out_features, groups, _sm_count(index), splits, gather, warps, *_shared_memory(index))
+    y = module.decode_1x16(
+        x,
+        codes,
+        codebooks.contiguous(),
+        scales.reshape(-1).contiguous(),
+        None if bias is None else bias.contiguous(),
+        _counters(input.device) if p.splits > 1 else x,
+        p.splits,
+        p.groups_per_split,
+        p.window_groups,
+        p.warps,
+        p.grid,
+        p.gather,
+        p.cache_entries,
+        p.carveout,
+    )
+    return y.view(*lead, out_features)
 
 
 class PrefillPlan(NamedTuple):
@@ -447,9 +600,7 @@ def launch_prefill(
     Example:
         >>> launch_prefill(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
     """
-    module = build(input.device)
-    if module is None:
-        raise RuntimeError("aqlm_ctx CUDA kernels are not available (build failed)")
+    module = _module(input.device)
     out_features, groups, _ = codes.shape
     lead = input.shape[:-1]
     x = _flat_input(input, groups * 8)
@@ -488,69 +639,117 @@ def _fallback(
     return _stock_cuda_matmul(input, codes, codebooks, scales, bias)
 
 
-@torch.library.custom_op("aqlm_ctx::aqlm_prefill", mutates_args=(), device_types="cuda")
-def _aqlm_prefill_op(
-    input: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    if build(input.device) is None:  # only reachable when the first call was traced by torch.compile
-        return _fallback(input, codes, codebooks, scales, bias)
-    with torch.cuda.device(input.device):
-        return launch_prefill(input, codes, codebooks, scales, bias)
+def _custom_op(
+    name: str,
+    schema: str,
+    run: Callable[..., torch.Tensor],
+    fallback: Callable[..., torch.Tensor],
+    fake: Callable[..., torch.Tensor],
+    doc: str,
+) -> Callable[..., torch.Tensor]:
+    """Registers the custom op ``aqlm_ctx::<name>`` (``schema``) and returns its public caller, documented by ``doc``.
+
+    The op runs ``run(*args)`` with the first argument's device current, or ``fallback(*args)`` when the extension
+    did not build (only reachable when torch.compile traced the first call); ``fake(*args)`` is its shape-only
+    implementation for tracing.
+    """
+
+    def impl(*args: torch.Tensor | None) -> torch.Tensor:
+        device = args[0].device  # type: ignore[union-attr]
+        if build(device) is None:
+            return fallback(*args)
+        with torch.cuda.device(device):
+            return run(*args)
+
+    torch.library.custom_op(
+        f"aqlm_ctx::{name}", impl, mutates_args=(), device_types="cuda", schema=schema
+    ).register_fake(fake)
+    op = getattr(torch.ops.aqlm_ctx, name)
+
+    def public(*args: torch.Tensor | None) -> torch.Tensor:
+        return op(*args)
+
+    public.__name__ = public.__qualname__ = name
+    public.__doc__ = doc
+    return public
 
 
-@_aqlm_prefill_op.register_fake
-def _aqlm_prefill_fake(
-    input: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
+_MATMUL_SCHEMA = "(Tensor input, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor"
+
+
+def _matmul_fake(input: torch.Tensor, codes: torch.Tensor, *_: torch.Tensor | None) -> torch.Tensor:
     return input.new_empty((*input.shape[:-1], codes.shape[0]))
 
 
-def prefill_matmul(
-    input: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """``input @ W.T + bias`` for a layer :func:`supports_prefill` accepts (custom op). Codes are only read.
-
-    Example:
-        >>> y = prefill_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
-    """
-    return torch.ops.aqlm_ctx.aqlm_prefill(input, codes, codebooks, scales, bias)
+def _dequantize_run(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return _module(codes.device).dequantize(codes, codebooks.contiguous(), scales.reshape(-1).contiguous())
 
 
-@torch.library.custom_op("aqlm_ctx::aqlm_dequantize", mutates_args=(), device_types="cuda")
-def _aqlm_dequantize_op(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    module = build(codes.device)
-    if module is None:  # only reachable when the first call was traced by torch.compile
-        from .reference import dequantize_weight
+def _dequantize_fallback(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    from .reference import dequantize_weight
 
-        return dequantize_weight(codes, codebooks, scales).to(codebooks.dtype)
-    with torch.cuda.device(codes.device):
-        return module.dequantize(codes, codebooks.contiguous(), scales.reshape(-1).contiguous())
+    return dequantize_weight(codes, codebooks, scales).to(codebooks.dtype)
 
 
-@_aqlm_dequantize_op.register_fake
-def _aqlm_dequantize_fake(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _dequantize_fake(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return codebooks.new_empty((codes.shape[0], codes.shape[1] * 8))
 
 
-def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The dense weight ``[out_features, in_features]`` (codebooks' dtype, scales applied) on the GPU (custom op).
+matmul = _custom_op(
+    "aqlm_decode",
+    _MATMUL_SCHEMA,
+    launch,
+    _fallback,
+    _matmul_fake,
+    """``matmul(input, codes, codebooks, scales, bias)``: ``input @ W.T + bias`` on the GPU for a layer
+    :func:`supports` accepts (custom op ``aqlm_ctx::aqlm_decode``). Codes are only read.
+
+    Example:
+        >>> y = matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
+    """,
+)
+
+matmul_1x16 = _custom_op(
+    "aqlm_decode_1x16",
+    _MATMUL_SCHEMA,
+    launch_1x16,
+    _fallback,
+    _matmul_fake,
+    """``matmul_1x16(input, codes, codebooks, scales, bias)``: ``input @ W.T + bias`` for a layer
+    :func:`supports_1x16` accepts (custom op ``aqlm_ctx::aqlm_decode_1x16``). Codes are only read.
+
+    Example:
+        >>> y = matmul_1x16(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
+    """,
+)
+
+prefill_matmul = _custom_op(
+    "aqlm_prefill",
+    _MATMUL_SCHEMA,
+    launch_prefill,
+    _fallback,
+    _matmul_fake,
+    """``prefill_matmul(input, codes, codebooks, scales, bias)``: ``input @ W.T + bias`` for a layer
+    :func:`supports_prefill` accepts (custom op ``aqlm_ctx::aqlm_prefill``). Codes are only read.
+
+    Example:
+        >>> y = prefill_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
+    """,
+)
+
+dequantize = _custom_op(
+    "aqlm_dequantize",
+    "(Tensor codes, Tensor codebooks, Tensor scales) -> Tensor",
+    _dequantize_run,
+    _dequantize_fallback,
+    _dequantize_fake,
+    """``dequantize(codes, codebooks, scales)``: the dense weight ``[out_features, in_features]`` (codebooks' dtype,
+    scales applied) on the GPU (custom op ``aqlm_ctx::aqlm_dequantize``).
 
     Example:
         >>> w = dequantize(layer.codes, layer.codebooks, layer.scales)  # doctest: +SKIP
-    """
-    return torch.ops.aqlm_ctx.aqlm_dequantize(codes, codebooks, scales)
+    """,
+)
 
 
 def dequantized_matmul(

@@ -63,6 +63,8 @@ def _forward_kernel(
 
                 if cuda_kernels.supports(input, codes, codebooks, scales, bias):
                     return cuda_kernels.matmul(input, codes, codebooks, scales, bias)
+                if cuda_kernels.supports_1x16(input, codes, codebooks, scales, bias):
+                    return cuda_kernels.matmul_1x16(input, codes, codebooks, scales, bias)
                 if cuda_kernels.supports_prefill(input, codes, codebooks, scales, bias):
                     return cuda_kernels.prefill_matmul(input, codes, codebooks, scales, bias)
                 if cuda_kernels.supports_dequantized(input, codes, codebooks, scales, bias):

@@ -4,25 +4,34 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <utility>
+
 #include "aqlm_decode.h"
 #include "aqlm_prefill.h"
 
 namespace {
 
+// The checks every matmul entry point shares: x (2-D, unit inner stride, rows 16-byte aligned, fp16/bf16), codebooks
+// [num_codebooks, codebook_size, 1, 8] of x's dtype, codes [out, in / 8, num_codebooks] of code_bytes-byte integers
+// with rows of a multiple of 16 bytes, scales and bias one per output of x's dtype; all contiguous and on x's device.
 void check_layer(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
-                 const torch::Tensor& scales, const std::optional<torch::Tensor>& bias) {
-  const int num_codebooks = static_cast<int>(codebooks.size(0));
+                 const torch::Tensor& scales, const std::optional<torch::Tensor>& bias, int64_t codebook_size,
+                 int64_t code_bytes) {
+  const int64_t num_codebooks = codebooks.size(0);
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0, "x: 2-D CUDA, rows aligned");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be fp16 or bf16");
-  TORCH_CHECK(num_codebooks == 1 || num_codebooks == 2, "1 or 2 codebooks");
-  TORCH_CHECK(codebooks.is_contiguous() && codebooks.dim() == 4 && codebooks.size(1) == 256 &&
-                  codebooks.size(2) == 1 && codebooks.size(3) == 8 && codebooks.scalar_type() == x.scalar_type(),
-              "codebooks: contiguous [C, 256, 1, 8] of x's dtype");
+  TORCH_CHECK(codebooks.is_contiguous() && codebooks.dim() == 4 && codebooks.size(1) == codebook_size &&
+                  codebooks.size(2) == 1 && codebooks.size(3) == 8 && codebooks.scalar_type() == x.scalar_type() &&
+                  codebooks.device() == x.device(),
+              "codebooks: contiguous [C, ", codebook_size, ", 1, 8] of x's dtype and device");
   TORCH_CHECK(codes.is_contiguous() && codes.dim() == 3 && codes.size(2) == num_codebooks &&
-                  codes.element_size() == 1 && codes.size(1) * 8 == x.size(1) &&
-                  (codes.size(1) * num_codebooks) % 16 == 0 && reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0,
-              "codes: contiguous 16-byte aligned [out, in / 8, C] bytes, rows a multiple of 16 bytes");
+                  codes.element_size() == code_bytes && codes.size(1) * 8 == x.size(1) &&
+                  (codes.size(1) * num_codebooks * code_bytes) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0 && codes.device() == x.device(),
+              "codes: contiguous 16-byte aligned [out, in / 8, C] of ", code_bytes,
+              "-byte integers, rows a multiple of 16 bytes");
   const int64_t out_features = codes.size(0);
   TORCH_CHECK(scales.is_contiguous() && scales.numel() == out_features && scales.scalar_type() == x.scalar_type(),
               "scales: contiguous, one per output, x's dtype");
@@ -32,27 +41,26 @@ void check_layer(const torch::Tensor& x, const torch::Tensor& codes, const torch
   }
 }
 
-torch::Tensor decode(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
-                     const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
-                     const torch::Tensor& counters, int64_t splits, int64_t groups_per_split, int64_t window_groups) {
-  const int num_codebooks = static_cast<int>(codebooks.size(0));
-  check_layer(x, codes, codebooks, scales, bias);
-  const int64_t out_features = codes.size(0);
-  const int64_t tokens = x.size(0);
-  TORCH_CHECK(tokens >= 1 && tokens <= 32, "1 to 32 tokens");
-  const int64_t row_blocks = (out_features + aqlm_ctx::kRowsPerCta - 1) / aqlm_ctx::kRowsPerCta;
-  TORCH_CHECK(splits >= 1 && (splits == 1 || (counters.is_cuda() && counters.numel() >= row_blocks &&
+void check_counters(const torch::Tensor& counters, int64_t splits, int64_t needed) {
+  TORCH_CHECK(splits >= 1 && (splits == 1 || (counters.is_cuda() && counters.numel() >= needed &&
                                               counters.scalar_type() == at::kInt)),
-              "split-K needs an int32 counter per row block");
-  const int super = 64 / num_codebooks;
-  TORCH_CHECK(groups_per_split % super == 0 && window_groups % super == 0 && window_groups > 0, "bad plan");
-  TORCH_CHECK(splits == (codes.size(1) + groups_per_split - 1) / groups_per_split, "bad plan");
+              "split-K needs ", needed, " int32 counters");
+}
 
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto y = torch::empty({tokens, out_features}, x.options());
+// y [tokens, out_features] in x's dtype, and the fp32 split-K workspace [splits, tokens, out_features] (undefined
+// without split-K).
+std::pair<torch::Tensor, torch::Tensor> outputs(const torch::Tensor& x, int64_t out_features, int64_t splits) {
+  auto y = torch::empty({x.size(0), out_features}, x.options());
   torch::Tensor workspace;
-  if (splits > 1) workspace = torch::empty({splits, tokens, out_features}, x.options().dtype(at::kFloat));
+  if (splits > 1) workspace = torch::empty({splits, x.size(0), out_features}, x.options().dtype(at::kFloat));
+  return {y, workspace};
+}
 
+// The fields of DecodeParams that every decode launch fills the same way.
+aqlm_ctx::DecodeParams decode_params(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
+                                     const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
+                                     const torch::Tensor& counters, torch::Tensor& y, torch::Tensor& workspace,
+                                     int64_t splits, int64_t groups_per_split, int64_t window_groups) {
   aqlm_ctx::DecodeParams p{};
   p.x = x.data_ptr();
   p.codes = static_cast<const uint8_t*>(codes.data_ptr());
@@ -63,16 +71,76 @@ torch::Tensor decode(const torch::Tensor& x, const torch::Tensor& codes, const t
   p.workspace = splits > 1 ? workspace.data_ptr<float>() : nullptr;
   p.counters = splits > 1 ? counters.data_ptr<int>() : nullptr;
   p.x_stride = x.stride(0);
-  p.tokens = static_cast<int>(tokens);
-  p.out_features = static_cast<int>(out_features);
+  p.tokens = static_cast<int>(x.size(0));
+  p.out_features = static_cast<int>(codes.size(0));
   p.groups = static_cast<int>(codes.size(1));
   p.groups_per_split = static_cast<int>(groups_per_split);
   p.window_groups = static_cast<int>(window_groups);
-  p.x_slots = aqlm_ctx::decode_x_slots(num_codebooks, p.window_groups);
   p.splits = static_cast<int>(splits);
+  return p;
+}
+
+torch::Tensor decode(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
+                     const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
+                     const torch::Tensor& counters, int64_t splits, int64_t groups_per_split, int64_t window_groups) {
+  const int num_codebooks = static_cast<int>(codebooks.size(0));
+  TORCH_CHECK(num_codebooks == 1 || num_codebooks == 2, "1 or 2 codebooks");
+  check_layer(x, codes, codebooks, scales, bias, 256, 1);
+  const int64_t out_features = codes.size(0);
+  const int64_t tokens = x.size(0);
+  TORCH_CHECK(tokens >= 1 && tokens <= 32, "1 to 32 tokens");
+  check_counters(counters, splits, (out_features + aqlm_ctx::kRowsPerCta - 1) / aqlm_ctx::kRowsPerCta);
+  const int super = 64 / num_codebooks;
+  TORCH_CHECK(groups_per_split % super == 0 && window_groups % super == 0 && window_groups > 0, "bad plan");
+  TORCH_CHECK(splits == (codes.size(1) + groups_per_split - 1) / groups_per_split, "bad plan");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [y, workspace] = outputs(x, out_features, splits);
+  auto p = decode_params(x, codes, codebooks, scales, bias, counters, y, workspace, splits, groups_per_split,
+                         window_groups);
+  p.x_slots = aqlm_ctx::decode_x_slots(16 / num_codebooks, p.window_groups);
   const cudaError_t err = aqlm_ctx::decode_launch(p, num_codebooks, x.scalar_type() == at::kBFloat16,
                                                   c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "aqlm_ctx decode kernel: ", cudaGetErrorString(err));
+  return y;
+}
+
+// 1x16: `warps` per CTA (rows 16 x warps), `grid` persistent CTAs over row blocks x splits, `gather` a Gather1x16
+// with `cache_entries` for kGatherShared, `carveout` the shared-memory share of L1 in percent.
+torch::Tensor decode_1x16(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
+                          const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
+                          const torch::Tensor& counters, int64_t splits, int64_t groups_per_split,
+                          int64_t window_groups, int64_t warps, int64_t grid, int64_t gather, int64_t cache_entries,
+                          int64_t carveout) {
+  TORCH_CHECK(codebooks.size(0) == 1, "one codebook");
+  check_layer(x, codes, codebooks, scales, bias, 65536, 2);
+  const int64_t out_features = codes.size(0);
+  const int64_t tokens = x.size(0);
+  TORCH_CHECK(tokens >= 1 && tokens <= 32, "1 to 32 tokens");
+  TORCH_CHECK(warps >= 1 && warps <= aqlm_ctx::kMaxWarps1x16, "1 to ", aqlm_ctx::kMaxWarps1x16, " warps");
+  const int64_t row_blocks = (out_features + 16 * warps - 1) / (16 * warps);
+  check_counters(counters, splits, row_blocks);
+  TORCH_CHECK(groups_per_split % 32 == 0 && window_groups % 32 == 0 && window_groups > 0, "bad plan");
+  TORCH_CHECK(splits == (codes.size(1) + groups_per_split - 1) / groups_per_split, "bad plan");
+  TORCH_CHECK(grid >= 1 && carveout >= 0 && carveout <= 100, "bad plan");
+  TORCH_CHECK(gather == aqlm_ctx::kGatherL1 || gather == aqlm_ctx::kGatherL2 || gather == aqlm_ctx::kGatherShared,
+              "gather mode 0, 1 or 2");
+  TORCH_CHECK(cache_entries >= 0 && cache_entries <= 65536 && (gather == aqlm_ctx::kGatherShared || cache_entries == 0),
+              "codebook cache entries only with gather mode 2");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [y, workspace] = outputs(x, out_features, splits);
+  auto p = decode_params(x, codes, codebooks, scales, bias, counters, y, workspace, splits, groups_per_split,
+                         window_groups);
+  p.x_slots = aqlm_ctx::decode_x_slots(8, p.window_groups);
+  p.rows_per_cta = static_cast<int>(16 * warps);
+  p.tiles = static_cast<int>(row_blocks * splits);
+  p.cache_entries = static_cast<int>(cache_entries);
+  const cudaError_t err =
+      aqlm_ctx::decode_1x16_launch(p, static_cast<int>(gather), x.scalar_type() == at::kBFloat16,
+                                   static_cast<int>(std::min<int64_t>(grid, p.tiles)), static_cast<int>(carveout),
+                                   c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "aqlm_ctx 1x16 decode kernel: ", cudaGetErrorString(err));
   return y;
 }
 
@@ -80,7 +148,8 @@ torch::Tensor prefill(const torch::Tensor& x, const torch::Tensor& codes, const 
                       const torch::Tensor& scales, const std::optional<torch::Tensor>& bias, const torch::Tensor& counters,
                       int64_t token_tile, int64_t splits, int64_t stages_per_split) {
   const int num_codebooks = static_cast<int>(codebooks.size(0));
-  check_layer(x, codes, codebooks, scales, bias);
+  TORCH_CHECK(num_codebooks == 1 || num_codebooks == 2, "1 or 2 codebooks");
+  check_layer(x, codes, codebooks, scales, bias, 256, 1);
   TORCH_CHECK(codes.size(1) % 8 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(token_tile == 64 || token_tile == 128 || token_tile == 256, "token tile 64, 128 or 256");
   const int64_t out_features = codes.size(0);
@@ -90,13 +159,10 @@ torch::Tensor prefill(const torch::Tensor& x, const torch::Tensor& codes, const 
               "bad plan");
   const int64_t tiles = ((out_features + aqlm_ctx::kPrefillRows - 1) / aqlm_ctx::kPrefillRows) *
                         ((tokens + token_tile - 1) / token_tile);
-  TORCH_CHECK(splits == 1 || (counters.is_cuda() && counters.numel() >= tiles && counters.scalar_type() == at::kInt),
-              "split-K needs an int32 counter per tile");
+  check_counters(counters, splits, tiles);
 
   const c10::cuda::CUDAGuard guard(x.device());
-  auto y = torch::empty({tokens, out_features}, x.options());
-  torch::Tensor workspace;
-  if (splits > 1) workspace = torch::empty({splits, tokens, out_features}, x.options().dtype(at::kFloat));
+  auto [y, workspace] = outputs(x, out_features, splits);
   aqlm_ctx::PrefillParams p{};
   p.x = x.data_ptr();
   p.codes = static_cast<const uint8_t*>(codes.data_ptr());
@@ -144,6 +210,7 @@ torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& codebo
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "AQLM 2x8 / 1x8 decode matmul (1-32 tokens)");
+  m.def("decode_1x16", &decode_1x16, "AQLM 1x16 decode matmul (1-32 tokens)");
   m.def("prefill", &prefill, "AQLM 2x8 / 1x8 prefill matmul (wgmma, sm_90a)");
   m.def("dequantize", &dequantize, "AQLM 2x8 / 1x8 / 1x16 weight as a dense matrix");
 }

@@ -1,4 +1,5 @@
-// Decode kernels for AQLM layers with 8-bit codebooks (2x8 and 1x8, in_group_size 8, out_group_size 1).
+// Decode kernels for AQLM layers (in_group_size 8, out_group_size 1): 2x8 and 1x8 (8-bit codebooks in shared memory),
+// and 1x16 (one codebook of 65536 entries, read through L1 / L2; see decode_1x16_kernel below).
 //
 // One launch computes y = (x @ W.T) * scales + bias for 1-32 tokens. Each CTA owns kRowsPerCta output rows and a
 // range of input groups (split-K when there are too few row blocks to fill the GPU):
@@ -87,6 +88,84 @@ __device__ __forceinline__ T from_float(float v) {
   }
 }
 
+// x[:, w0 : w0 + w_len) into shared memory (token n from slot n * x_slots, 9 slots per 8 groups), zero-padded to whole
+// supersteps of kSuper groups. Callers synchronise before and after.
+template <int kSuper, typename scalar_t>
+__device__ __forceinline__ void stage_x(uint4* sh_x, const DecodeParams& p, int w0, int w_len) {
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const int w_pad = (w_len + kSuper - 1) / kSuper * kSuper;
+  for (int i = threadIdx.x; i < p.tokens * w_pad; i += blockDim.x) {
+    const int n = i / w_pad;
+    const int j = i - n * w_pad;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (j < w_len) v = *reinterpret_cast<const uint4*>(x + n * p.x_stride + static_cast<int64_t>(w0 + j) * 8);
+    sh_x[n * p.x_slots + j + j / 8] = v;
+  }
+}
+
+// The epilogue for kTiles m16 row tiles x NT token tiles of accumulators per thread (element i of tile (t, nt): row
+// row_base + 16 t + 8 (i / 2), token 8 nt + 2 quad + i % 2) of row block `block`, split `split`. Without split-K it
+// writes y = acc * scale + bias; with split-K it writes this split's fp32 partial, and the last CTA of the row block
+// (a ticket counter that this CTA then resets) sums the partials in split order, so results are deterministic.
+// Every thread of the CTA calls it (it has barriers when splitting).
+template <typename scalar_t, int kTiles, int NT>
+__device__ __forceinline__ void store_output(const DecodeParams& p, const float (&acc)[kTiles][NT][4], int row_base,
+                                             int quad, int block, int split, int rows_per_cta, int& sh_last) {
+  const scalar_t* scales = static_cast<const scalar_t*>(p.scales);
+  const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
+  scalar_t* y = static_cast<scalar_t*>(p.y);
+  if (p.splits == 1) {
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = row_base + 16 * t + 8 * (i / 2);
+        if (row >= p.out_features) continue;
+        const float scale = to_float(scales[row]);
+        const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int n = 8 * nt + 2 * quad + i % 2;
+          if (n < p.tokens) y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(acc[t][nt][i] * scale + shift);
+        }
+      }
+    }
+    return;
+  }
+  const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
+  float* partial = p.workspace + split * split_size;
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = row_base + 16 * t + 8 * (i / 2);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int n = 8 * nt + 2 * quad + i % 2;
+        if (row < p.out_features && n < p.tokens) partial[static_cast<int64_t>(n) * p.out_features + row] = acc[t][nt][i];
+      }
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) sh_last = atomicAdd(&p.counters[block], 1) == p.splits - 1;
+  __syncthreads();
+  if (!sh_last) return;
+  __threadfence();
+  const int first_row = block * rows_per_cta;
+  for (int i = threadIdx.x; i < p.tokens * rows_per_cta; i += blockDim.x) {
+    const int n = i / rows_per_cta;
+    const int row = first_row + i % rows_per_cta;
+    if (row >= p.out_features) continue;
+    const float* src = p.workspace + static_cast<int64_t>(n) * p.out_features + row;
+    float sum = 0.0f;
+    for (int s = 0; s < p.splits; ++s) sum += __ldcg(src + s * split_size);
+    const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
+    y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(sum * to_float(scales[row]) + shift);
+  }
+  if (threadIdx.x == 0) p.counters[block] = 0;
+}
+
 // C codebooks of 256 entries; NT tiles of 8 tokens; kBf16 selects bf16 (else fp16) activations and codebooks.
 template <int C, int NT, bool kBf16>
 __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const DecodeParams p) {
@@ -142,24 +221,11 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const DecodeParams 
     for (int r = 0; r < 8; ++r) smem[8 * i + ((r + i) & 7)] = v;  // rotated: no bank conflicts while staging
   }
 
-  // x[:, w0 : w0 + window) into shared memory, zero-padded to whole supersteps.
-  const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  auto stage_x = [&](int w0, int w_len) {
-    const int w_pad = (w_len + kSuper - 1) / kSuper * kSuper;
-    for (int i = tid; i < p.tokens * w_pad; i += kThreads) {
-      const int n = i / w_pad;
-      const int j = i - n * w_pad;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (j < w_len) v = *reinterpret_cast<const uint4*>(x + n * p.x_stride + static_cast<int64_t>(w0 + j) * 8);
-      sh_x[n * p.x_slots + j + j / 8] = v;
-    }
-  };
-
   float acc[kTilesPerWarp][NT][4] = {};
   for (int w0 = g_begin; w0 < g_end; w0 += p.window_groups) {
     const int w_len = min(p.window_groups, g_end - w0);
     __syncthreads();
-    stage_x(w0, w_len);
+    stage_x<kSuper, scalar_t>(sh_x, p, w0, w_len);
     __syncthreads();
     for (int s0 = 0; s0 < w_len; s0 += kSuper) {
       uint4 next[kTilesPerWarp][2];
@@ -214,60 +280,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const DecodeParams 
     }
   }
 
-  // Accumulator element i of tile (t, nt): row row_base + 16 t + 8 (i / 2), token 8 nt + 2 quad + i % 2.
-  const scalar_t* scales = static_cast<const scalar_t*>(p.scales);
-  const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
-  scalar_t* y = static_cast<scalar_t*>(p.y);
-  if (p.splits == 1) {
-#pragma unroll
-    for (int t = 0; t < kTilesPerWarp; ++t) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = row_base + 16 * t + 8 * (i / 2);
-        if (row >= p.out_features) continue;
-        const float scale = to_float(scales[row]);
-        const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int n = 8 * nt + 2 * quad + i % 2;
-          if (n < p.tokens) y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(acc[t][nt][i] * scale + shift);
-        }
-      }
-    }
-    return;
-  }
-  const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
-  float* partial = p.workspace + blockIdx.y * split_size;
-#pragma unroll
-  for (int t = 0; t < kTilesPerWarp; ++t) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = row_base + 16 * t + 8 * (i / 2);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int n = 8 * nt + 2 * quad + i % 2;
-        if (row < p.out_features && n < p.tokens) partial[static_cast<int64_t>(n) * p.out_features + row] = acc[t][nt][i];
-      }
-    }
-  }
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) sh_last = atomicAdd(&p.counters[blockIdx.x], 1) == p.splits - 1;
-  __syncthreads();
-  if (!sh_last) return;
-  __threadfence();
-  const int first_row = blockIdx.x * kRowsPerCta;
-  for (int i = tid; i < p.tokens * kRowsPerCta; i += kThreads) {
-    const int n = i / kRowsPerCta;
-    const int row = first_row + i % kRowsPerCta;
-    if (row >= p.out_features) continue;
-    const float* src = p.workspace + static_cast<int64_t>(n) * p.out_features + row;
-    float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) sum += __ldcg(src + s * split_size);
-    const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
-    y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(sum * to_float(scales[row]) + shift);
-  }
-  if (tid == 0) p.counters[blockIdx.x] = 0;
+  store_output<scalar_t, kTilesPerWarp, NT>(p, acc, row_base, quad, blockIdx.x, blockIdx.y, kRowsPerCta, sh_last);
 }
 
 template <int C, int NT, bool kBf16>
@@ -289,12 +302,199 @@ cudaError_t launch_tokens(const DecodeParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+
+// ---------------------------------------------------------------- 1x16: one codebook of 65536 entries (1 MiB)
+//
+// The codebook is too large for shared memory, so each 8-weight group is one random 16-byte read of it through L1 /
+// L2 (kGatherShared: the first cache_entries entries from a shared-memory copy instead). Throughput is set by those
+// scattered reads, so the kernel keeps many in flight: every warp owns one m16 row tile, each thread two rows (r and
+// r + 8) of it; per superstep of 32 groups a thread loads 16 bytes of codes per row (8 groups, one step ahead, the
+// step after that prefetched into L2) and issues its 16 codebook reads in two batches of 8, the second batch (and
+// the next superstep's first) in flight while the previous one goes through the tensor cores. The decoded groups
+// are mma.m16n8k16 A operands exactly as in decode_kernel, x comes from the same padded shared window, and the
+// epilogue is store_output. CTAs are persistent: the grid loops over (row block, split) tiles.
+
+template <int kGather>
+__device__ __forceinline__ uint4 gather_1x16(const char* codebook, uint32_t sh_codebook, uint32_t code,
+                                             uint32_t cache_entries) {
+  const char* ptr = codebook + code * 16u;
+  uint4 v;
+  if constexpr (kGather == kGatherL1) {
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+  } else if constexpr (kGather == kGatherL2) {
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+  } else {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tsetp.lt.u32 p, %4, %5;\n\t@p ld.shared.v4.u32 {%0, %1, %2, %3}, [%6];\n\t"
+        "@!p ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%7];\n\t}"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "r"(code), "r"(cache_entries), "r"(sh_codebook + code * 16u), "l"(ptr));
+  }
+  return v;
+}
+
+template <int NT, bool kBf16, int kGather>
+__global__ void __launch_bounds__(kMaxWarps1x16 * 32) decode_1x16_kernel(const DecodeParams p) {
+  using scalar_t = std::conditional_t<kBf16, __nv_bfloat16, __half>;
+  constexpr int kGroupsPerLoad = 8;           // 16-bit codes in one 16-byte load
+  constexpr int kSuper = 4 * kGroupsPerLoad;  // groups one warp covers per superstep (4 quads x one load)
+  constexpr int kBatch = kGroupsPerLoad / 2;  // groups per batch of codebook reads (x 2 rows)
+  extern __shared__ uint4 smem[];
+  uint4* sh_x = smem + (kGather == kGatherShared ? p.cache_entries : 0);
+  __shared__ int sh_last;
+
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int quad = lane % 4;
+  const int row_in_tile = lane / 4;
+  const char* codebook = static_cast<const char*>(p.codebooks);
+  const uint32_t sh_codebook = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t cache_entries = kGather == kGatherShared ? p.cache_entries : 0u;
+
+  if constexpr (kGather == kGatherShared) {
+    for (int i = tid; i < p.cache_entries; i += blockDim.x) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sh_codebook + i * 16u),
+                   "l"(codebook + static_cast<int64_t>(i) * 16)
+                   : "memory");
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+  }
+
+  const int row_blocks = (p.out_features + p.rows_per_cta - 1) / p.rows_per_cta;
+  for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const int block = tile % row_blocks;
+    const int split = tile / row_blocks;
+    const int g_begin = split * p.groups_per_split;
+    const int g_end = min(g_begin + p.groups_per_split, p.groups);
+    const int row_base = block * p.rows_per_cta + (tid / 32) * 16 + row_in_tile;  // rows row_base + 8 h
+
+    const uint8_t* code_ptr[2];
+    bool row_ok[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row_base + 8 * h;
+      row_ok[h] = row < p.out_features;
+      code_ptr[h] = p.codes + static_cast<int64_t>(row_ok[h] ? row : 0) * p.groups * 2 + quad * 16;
+    }
+    auto load_codes = [&](uint4 (&dst)[2], int g) {
+      const bool in_range = g + quad * kGroupsPerLoad < g_end;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        dst[h] = in_range && row_ok[h] ? load_stream(code_ptr[h] + static_cast<int64_t>(g) * 2) : make_uint4(0, 0, 0, 0);
+      }
+      // The superstep after: into L2 (one 64-byte row segment per quad 0 lane).
+      const int g2 = g + kSuper;
+      if (quad == 0 && g2 < g_end) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (row_ok[h]) asm volatile("prefetch.global.L2 [%0];" ::"l"(code_ptr[h] + static_cast<int64_t>(g2) * 2));
+        }
+      }
+    };
+    // Codebook entries of groups kBatch * half .. + kBatch - 1 of this thread's code loads, for both rows.
+    auto gather = [&](uint4 (&dst)[2][kBatch], const uint4 (&codes)[2], auto half_constant) {
+      constexpr int half = decltype(half_constant)::value;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int s = 0; s < kBatch; ++s) {
+          const int k = kBatch * half + s;
+          const uint32_t code = (word(codes[h], k / 2) >> (16 * (k % 2))) & 0xffffu;
+          dst[h][s] = gather_1x16<kGather>(codebook, sh_codebook, code, cache_entries);
+        }
+      }
+    };
+    float acc[1][NT][4] = {};
+    auto multiply = [&](const uint4 (&e)[2][kBatch], int s0, auto half_constant) {
+      constexpr int half = decltype(half_constant)::value;
+#pragma unroll
+      for (int s = 0; s < kBatch; ++s) {
+        const int j = s0 + quad * kGroupsPerLoad + kBatch * half + s;  // this thread's group in the window
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int n = row_in_tile + 8 * nt;
+          uint4 v = make_uint4(0, 0, 0, 0);
+          if (n < p.tokens) v = sh_x[n * p.x_slots + j + j / 8];
+          // Elements 4k..4k+3 of the group go to mma k: thread quad q holds k-slots 2q, 2q+1, 2q+8, 2q+9.
+          const uint32_t frag0[4] = {e[0][s].x, e[1][s].x, e[0][s].y, e[1][s].y};
+          const uint32_t frag1[4] = {e[0][s].z, e[1][s].z, e[0][s].w, e[1][s].w};
+          mma<kBf16>(acc[0][nt], frag0, v.x, v.y);
+          mma<kBf16>(acc[0][nt], frag1, v.z, v.w);
+        }
+      }
+    };
+    using First = std::integral_constant<int, 0>;
+    using Second = std::integral_constant<int, 1>;
+
+    uint4 cur[2];
+    uint4 batch0[2][kBatch];
+    uint4 batch1[2][kBatch];
+    load_codes(cur, g_begin);
+    gather(batch0, cur, First{});
+    for (int w0 = g_begin; w0 < g_end; w0 += p.window_groups) {
+      const int w_len = min(p.window_groups, g_end - w0);
+      __syncthreads();
+      stage_x<kSuper, scalar_t>(sh_x, p, w0, w_len);
+      __syncthreads();
+      for (int s0 = 0; s0 < w_len; s0 += kSuper) {
+        const int g_next = w0 + s0 + kSuper;
+        uint4 next[2];
+        load_codes(next, g_next);
+        gather(batch1, cur, Second{});
+        multiply(batch0, s0, First{});
+        if (g_next < g_end) gather(batch0, next, First{});
+        multiply(batch1, s0, Second{});
+        cur[0] = next[0];
+        cur[1] = next[1];
+      }
+    }
+    store_output<scalar_t, 1, NT>(p, acc, row_base, quad, block, split, p.rows_per_cta, sh_last);
+  }
+}
+
+template <int NT, bool kBf16, int kGather>
+cudaError_t launch_1x16(const DecodeParams& p, int grid, int carveout, cudaStream_t stream) {
+  const int smem = decode_1x16_smem_bytes(p);
+  auto kernel = decode_1x16_kernel<NT, kBf16, kGather>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carveout);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, p.rows_per_cta / 16 * 32, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <bool kBf16, int kGather>
+cudaError_t launch_1x16_tokens(const DecodeParams& p, int grid, int carveout, cudaStream_t stream) {
+  if (p.tokens <= 8) return launch_1x16<1, kBf16, kGather>(p, grid, carveout, stream);
+  if (p.tokens <= 16) return launch_1x16<2, kBf16, kGather>(p, grid, carveout, stream);
+  if (p.tokens <= 32) return launch_1x16<4, kBf16, kGather>(p, grid, carveout, stream);
+  return cudaErrorInvalidValue;
+}
+
+template <bool kBf16>
+cudaError_t launch_1x16_gather(const DecodeParams& p, int gather, int grid, int carveout, cudaStream_t stream) {
+  if (gather == kGatherL1) return launch_1x16_tokens<kBf16, kGatherL1>(p, grid, carveout, stream);
+  if (gather == kGatherL2) return launch_1x16_tokens<kBf16, kGatherL2>(p, grid, carveout, stream);
+  if (gather == kGatherShared) return launch_1x16_tokens<kBf16, kGatherShared>(p, grid, carveout, stream);
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 cudaError_t decode_launch(const DecodeParams& p, int num_codebooks, bool bf16, cudaStream_t stream) {
   if (num_codebooks == 2) return bf16 ? launch_tokens<2, true>(p, stream) : launch_tokens<2, false>(p, stream);
   if (num_codebooks == 1) return bf16 ? launch_tokens<1, true>(p, stream) : launch_tokens<1, false>(p, stream);
   return cudaErrorInvalidValue;
+}
+
+cudaError_t decode_1x16_launch(const DecodeParams& p, int gather, bool bf16, int grid, int carveout, cudaStream_t stream) {
+  return bf16 ? launch_1x16_gather<true>(p, gather, grid, carveout, stream)
+              : launch_1x16_gather<false>(p, gather, grid, carveout, stream);
 }
 
 }  // namespace aqlm_ctx

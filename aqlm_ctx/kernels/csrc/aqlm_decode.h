@@ -1,5 +1,6 @@
-// Decode (few-token) kernels for AQLM layers with 8-bit codebooks: shared declarations of aqlm_decode.cu (kernels,
-// compiled by nvcc without torch headers) and aqlm_decode.cpp (the torch binding).
+// Decode (few-token) kernels for AQLM layers (2x8 / 1x8 with shared-memory codebooks, 1x16 with the codebook read
+// through L1 / L2): shared declarations of aqlm_decode.cu (kernels, compiled by nvcc without torch headers) and
+// aqlm_decode.cpp (the torch binding).
 #pragma once
 
 #include <cstdint>
@@ -10,12 +11,17 @@ namespace aqlm_ctx {
 constexpr int kWarps = 8;                        // warps per CTA
 constexpr int kTilesPerWarp = 2;                 // m16 row tiles per warp
 constexpr int kRowsPerWarp = 16 * kTilesPerWarp;
-constexpr int kRowsPerCta = kWarps * kRowsPerWarp;  // output rows one CTA owns
+constexpr int kRowsPerCta = kWarps * kRowsPerWarp;  // output rows one CTA owns (2x8 / 1x8)
+constexpr int kMaxWarps1x16 = 16;                // the 1x16 kernel: one m16 row tile per warp, 4 to 16 warps per CTA
+
+// How the 1x16 kernel reads codebook entries: through L1 (ld.global.nc), from L2 only (ld.global.cg), or the first
+// cache_entries from a shared-memory copy and the rest from L2.
+enum Gather1x16 : int { kGatherL1 = 0, kGatherL2 = 1, kGatherShared = 2 };
 
 struct DecodeParams {
   const void* x;          // [tokens, in_features], rows 16-byte aligned, x_stride elements apart
-  const uint8_t* codes;   // [out_features, groups, num_codebooks] contiguous, unsigned bytes
-  const void* codebooks;  // [num_codebooks, 256, 1, 8] contiguous
+  const uint8_t* codes;   // [out_features, groups, num_codebooks] contiguous, unsigned bytes (1x16: 2 bytes a code)
+  const void* codebooks;  // [num_codebooks, codebook_size, 1, 8] contiguous
   const void* scales;     // [out_features]
   const void* bias;       // [out_features] or nullptr
   void* y;                // [tokens, out_features] contiguous
@@ -25,17 +31,22 @@ struct DecodeParams {
   int tokens;
   int out_features;
   int groups;             // in_features / 8
-  int groups_per_split;   // multiple of the superstep (32 groups for 2 codebooks, 64 for 1)
+  int groups_per_split;   // multiple of the superstep (32 groups for 2x8 and 1x16, 64 for 1x8)
   int window_groups;      // groups of x staged in shared memory at a time, multiple of the superstep
   int x_slots;            // shared-memory stride between tokens in 16-byte slots
   int splits;
+  // 1x16 only:
+  int rows_per_cta;       // 16 x warps per CTA
+  int tiles;              // row blocks x splits; the grid loops over them (persistent CTAs)
+  int cache_entries;      // kGatherShared: codebook entries [0, cache_entries) staged in shared memory
 };
 
 // Shared-memory stride between tokens (16-byte slots) for a window: 9 slots per 8 groups, padded so that the
-// quarter-warps' 16-byte reads of x hit 8 different bank groups (odd stride for 1 codebook, 4 mod 8 for 2).
-inline int decode_x_slots(int num_codebooks, int window_groups) {
+// quarter-warps' 16-byte reads of x hit 8 different bank groups (odd stride when one 16-byte code load holds 16
+// groups (1x8), 4 mod 8 when it holds 8 (2x8, 1x16)).
+inline int decode_x_slots(int groups_per_load, int window_groups) {
   int slots = window_groups + window_groups / 8;
-  while (slots % 8 != (num_codebooks == 2 ? 4 : 1)) ++slots;
+  while (slots % 8 != (groups_per_load == 8 ? 4 : 1)) ++slots;
   return slots;
 }
 
@@ -47,5 +58,13 @@ inline int decode_smem_bytes(int num_codebooks, const DecodeParams& p) {
 // Launches the kernel for (num_codebooks in {1, 2}) x (bf16 or fp16) x (token tiles of 8: 1, 2 or 4) on `stream`.
 // Returns the CUDA error of the launch.
 cudaError_t decode_launch(const DecodeParams& p, int num_codebooks, bool bf16, cudaStream_t stream);
+
+// Shared-memory bytes of a 1x16 launch: the codebook cache (kGatherShared), then the x window.
+inline int decode_1x16_smem_bytes(const DecodeParams& p) { return (p.cache_entries + p.tokens * p.x_slots) * 16; }
+
+// Launches the 1x16 kernel (one codebook of 65536 entries) with `grid` persistent CTAs of p.rows_per_cta / 16 warps,
+// `gather` a Gather1x16, for fp16 or bf16 and token tiles of 8 (1, 2 or 4); `carveout` is the shared-memory share of
+// L1 (percent) to ask for. Returns the CUDA error of the launch.
+cudaError_t decode_1x16_launch(const DecodeParams& p, int gather, bool bf16, int grid, int carveout, cudaStream_t stream);
 
 }  // namespace aqlm_ctx
