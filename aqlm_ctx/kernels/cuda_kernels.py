@@ -36,6 +36,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .ops import define
+
 __all__ = [
     "DECODE_1X16_TOKEN_RANGE",
     "DEQUANTIZED_TOKEN_RANGES",
@@ -115,7 +117,12 @@ _COUNTERS: dict[int, torch.Tensor] = {}
 
 
 def _arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
+    return _arch_of(_index(device))
+
+
+@functools.cache
+def _arch_of(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
     return f"{major}{minor}"
 
 
@@ -661,10 +668,7 @@ def _custom_op(
         with torch.cuda.device(device):
             return run(*args)
 
-    torch.library.custom_op(
-        f"aqlm_ctx::{name}", impl, mutates_args=(), device_types="cuda", schema=schema
-    ).register_fake(fake)
-    op = getattr(torch.ops.aqlm_ctx, name)
+    op = define(name, schema, impl, fake)
 
     def public(*args: torch.Tensor | None) -> torch.Tensor:
         return op(*args)

@@ -16,6 +16,8 @@ import importlib.util
 
 import torch
 
+from .ops import define
+
 __all__ = ["SUPPORTED_FORMATS", "matmul", "supports"]
 
 # (num_codebooks, codebook_size) -> codes dtype, for in_group_size 8 and out_group_size 1.
@@ -74,8 +76,7 @@ def supports(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) 
     return _capability_ok(index)
 
 
-@torch.library.custom_op("aqlm_ctx::aqlm_matmul", mutates_args=(), device_types="cuda")
-def _aqlm_matmul_op(
+def _aqlm_matmul_cuda(
     input: torch.Tensor,
     codes: torch.Tensor,
     codebooks: torch.Tensor,
@@ -87,7 +88,6 @@ def _aqlm_matmul_op(
     return triton_aqlm.launch(input, codes, codebooks, scales, bias)
 
 
-@_aqlm_matmul_op.register_fake
 def _aqlm_matmul_fake(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -98,6 +98,14 @@ def _aqlm_matmul_fake(
     return input.new_empty((*input.shape[:-1], codes.shape[0] * codebooks.shape[2]))
 
 
+_aqlm_matmul = define(
+    "aqlm_matmul",
+    "(Tensor input, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor",
+    _aqlm_matmul_cuda,
+    _aqlm_matmul_fake,
+)
+
+
 def matmul(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -106,4 +114,4 @@ def matmul(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """``input @ W.T + bias`` on the GPU, for a layer that :func:`supports` accepts. Codes are only read."""
-    return torch.ops.aqlm_ctx.aqlm_matmul(input, codes, codebooks, scales, bias)
+    return _aqlm_matmul(input, codes, codebooks, scales, bias)
