@@ -531,7 +531,7 @@ def test_cuda_decode_1x16_declines_what_it_does_not_cover() -> None:
     assert cuda_kernels.supports_1x16(x, codes, codebooks, scales, None)
     assert not cuda_kernels.supports_1x16(x.float(), codes, codebooks, scales, None)
     assert not cuda_kernels.supports_1x16(x, codes, codebooks.bfloat16(), scales, None)
-    for tokens in (low - 1, high + 1):  # 1 token goes to Triton (faster there), more than 32 to Triton / dequantize
+    for tokens in (low - 1, high + 1):  # no tokens; more than 32 go to Triton / dequantize
         outside = torch.randn(tokens, 128, device="cuda", dtype=torch.float16)
         assert not cuda_kernels.supports_1x16(outside, codes, codebooks, scales, None)
     odd_codes, odd_codebooks, odd_scales = make_layer("1x16", 32, 8 * 12, torch.float16, "cuda")  # 24-byte code rows

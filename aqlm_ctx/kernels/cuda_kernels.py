@@ -96,10 +96,12 @@ DEQUANTIZED_TOKEN_RANGES: dict[tuple[int, int], tuple[int, int]] = {
     (1, 65536): (64, 1 << 30),
 }
 
-# 1x16 decode kernel. Inclusive token range where it measured faster than aqlm's stock kernel and our Triton kernel
-# on an H100 (BENCHMARKS.md, "1x16 decode (CUDA)"): at 1 token Triton was as fast or faster on 4 of 5 layer shapes,
-# from 4 tokens on this kernel was faster everywhere. supports_1x16() declines outside it.
-DECODE_1X16_TOKEN_RANGE = (2, 32)
+# 1x16 decode kernel. Inclusive token range where it is used (BENCHMARKS.md, "1x16 decode (CUDA)", H100): from 2
+# tokens on it was faster than stock and Triton everywhere. At 1 token, under CUDA graphs, Triton was faster on 12 of
+# 14 layer shapes (by 0.1-19%, 2% on Llama-3-8B's linears) and this kernel on 11008x4096 (where Triton is 10% slower
+# than stock) and on Llama-2-7B's linears as a whole; but this kernel's launch costs ~50 us less host time per call
+# than Triton's, which is what bounds eager decoding, so it takes 1 token too. supports_1x16() declines outside it.
+DECODE_1X16_TOKEN_RANGE = (1, 32)
 # How it reads codebook entries (Gather1x16 in csrc/aqlm_decode.h): through L1, from L2 only, or the first entries
 # from a copy in shared memory (as many as fit) and the rest from L2. All three ran at about the same rate on an H100
 # (within 2-5%, L1 best or close to best except 1 token on the largest layers); the others stay for the sweep
