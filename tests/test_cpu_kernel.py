@@ -114,6 +114,22 @@ def test_every_path_on_a_tiny_layer(tokens: int, monkeypatch: pytest.MonkeyPatch
         assert_close(cpu.matmul(x, codes10, codebooks10, scales10, b10), ref10)
 
 
+@pytest.mark.parametrize("num_codebooks", [1, 2, 3, 4])
+def test_codes_at_odd_storage_offsets_and_strides(num_codebooks: int) -> None:
+    """Codes that live at an odd byte offset of a bigger buffer (as in a memory-mapped checkpoint) or are
+    non-contiguous give the same results as contiguous ones."""
+    codes, codebooks, scales, b = make_layer(48, 64, num_codebooks, 8, 8, seed=num_codebooks)
+    buffer = torch.zeros(1 + codes.numel(), dtype=torch.int8)
+    buffer[1:] = codes.reshape(-1)
+    shifted = buffer[1:].view(codes.shape)
+    strided = codes.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    x = torch.randn(3, 64)
+    ref = expected(x, codes, codebooks, scales, b)
+    for layout in (shifted, strided):
+        for tokens in (x[:1], x):
+            assert_close(cpu.matmul(tokens, layout, codebooks, scales, b), ref[: len(tokens)])
+
+
 def test_codes_changed_in_place_are_seen_by_the_next_call() -> None:
     """The input-major copy of the codes is a cache: writing into the codes (load_state_dict, copy_) invalidates it."""
     codes, codebooks, scales, b = make_layer(64, 128, 2, 8, 8, seed=5)

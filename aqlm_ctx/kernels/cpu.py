@@ -227,6 +227,26 @@ def _key(codes: torch.Tensor) -> tuple[int, int]:
     return codes._version, codes.data_ptr()
 
 
+#: Integer type as wide as one group's codes (num_codebooks x bytes per code), for a 2-D transpose.
+_GROUP_INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _transposed(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` ``[out, in_groups, C]`` as a new contiguous ``[in_groups, out, C]`` tensor.
+
+    Each group's C codes move as one wider integer (a plain 2-D transpose, about twice as fast as copying the 3-D
+    permutation) wherever the codes' layout allows that view.
+    """
+    out_features, in_groups, num_codebooks = codes.shape
+    width = num_codebooks * codes.element_size()
+    wide = _GROUP_INTS.get(width)
+    if wide is None or not codes.is_contiguous() or codes.storage_offset() * codes.element_size() % width:
+        return codes.permute(1, 0, 2).clone(memory_format=torch.contiguous_format)
+    result = torch.empty((in_groups, out_features, num_codebooks), dtype=codes.dtype)
+    result.view(wide).view(in_groups, out_features).copy_(codes.view(wide).view(out_features, in_groups).t())
+    return result
+
+
 def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     """``codes % codebook_size`` as unsigned ``[in_groups, out_features, num_codebooks]``, cached per codes tensor.
 
@@ -242,7 +262,7 @@ def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     stale = [t for t, (k, _) in _INPUT_MAJOR_CODES.items() if t.device.type != "cpu" or k[:2] != _key(t)]
     for tensor in stale:
         del _INPUT_MAJOR_CODES[tensor]
-    array = _unsigned_codes(codes.detach().permute(1, 0, 2).clone(memory_format=torch.contiguous_format))
+    array = _unsigned_codes(_transposed(codes.detach()))
     if codebook_size < np.iinfo(array.dtype).max + 1:
         array &= array.dtype.type(codebook_size - 1)
     _INPUT_MAJOR_CODES[codes] = (key, array)
