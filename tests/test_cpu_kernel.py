@@ -130,6 +130,17 @@ def test_codes_at_odd_storage_offsets_and_strides(num_codebooks: int) -> None:
             assert_close(cpu.matmul(tokens, layout, codebooks, scales, b), ref[: len(tokens)])
 
 
+@pytest.mark.parametrize(("num_codebooks", "nbits"), [(1, 16), (2, 8), (1, 12), (3, 4)])
+def test_dequantize_path_is_bit_exact_with_the_reference(num_codebooks: int, nbits: int) -> None:
+    """Multiplying by the identity (more tokens than the kernels' limits) returns the dense weight: exactly the
+    weight that ``reference.dequantize_weight`` builds."""
+    from aqlm_ctx.kernels.reference import dequantize_weight
+
+    codes, codebooks, scales, _ = make_layer(40, 64, num_codebooks, nbits, 8, seed=nbits)
+    y = cpu.matmul(torch.eye(64), codes, codebooks, scales, None)
+    assert torch.equal(y.T, dequantize_weight(codes, codebooks, scales))
+
+
 def test_codes_changed_in_place_are_seen_by_the_next_call() -> None:
     """The input-major copy of the codes is a cache: writing into the codes (load_state_dict, copy_) invalidates it."""
     codes, codebooks, scales, b = make_layer(64, 128, 2, 8, 8, seed=5)

@@ -20,9 +20,10 @@ Paths, chosen per call by :func:`matmul`:
   cache) and dotted with every token at once. A row is computed by one thread in one fixed order, so again the
   result does not depend on the thread count. (Its dot products are vectorised: LLVM may reassociate them, so the
   last bits depend on the CPU's vector width, never on timing.)
-* Everything else (many tokens): blocks of output rows (:data:`DEQUANTIZE_BLOCK_BYTES`) are dequantized with
-  :func:`~aqlm_ctx.kernels.reference.dequantize_weight` and ``torch.matmul`` applies each; the full dense weight
-  never exists.
+* Everything else (many tokens): blocks of output rows (:data:`DEQUANTIZE_BLOCK_BYTES`) are dequantized by
+  :func:`_dequantize_rows_kernel` (the same gathers, bit for bit what
+  :func:`~aqlm_ctx.kernels.reference.dequantize_weight` gives) and ``torch.matmul`` applies each; the full dense
+  weight never exists.
 
 Threads. numba's OpenMP pool and torch's are separate; an idle OpenMP thread spins before it sleeps, so on a
 machine with few cores each pool slows the other down. The first call starts numba's pool with
@@ -41,8 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
-
-from .reference import dequantize_weight
 
 __all__ = ["LUT_MAX_TOKENS", "matmul", "supports"]
 
@@ -139,31 +138,46 @@ if numba is not None:
                     s += partial[p, i, t]
                 out[t, i] = s * scales[i]
 
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _gather_row(codebooks: Any, codes: Any, mask: int, row: int, out: Any, r: int) -> None:
+        # out[r] = sum over c of codebooks[c, codes[row, j, c] & mask] for every input group j, in codebook order.
+        n_groups, n_cb = codes.shape[1], codes.shape[2]
+        group = codebooks.shape[2]
+        for j in range(n_groups):
+            k = np.intp(codes[row, j, 0]) & mask
+            for e in range(group):
+                out[r, j * group + e] = codebooks[0, k, e]
+            for c in range(1, n_cb):
+                k = np.intp(codes[row, j, c]) & mask
+                for e in range(group):
+                    out[r, j * group + e] += codebooks[c, k, e]
+
     @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
     def _row_tile_kernel(x: Any, codebooks: Any, codes: Any, mask: int, scales: Any, out: Any, rows: int) -> None:
         # x [T, I], codebooks [C, K, g], codes [O, G, C] (unsigned; read & mask), scales [O], out [T, O].
-        n_rows, n_groups, n_cb = codes.shape
-        group = codebooks.shape[2]
+        n_rows = codes.shape[0]
         n_tokens, in_features = x.shape
         for block in numba.prange((n_rows + rows - 1) // rows):
             first = block * rows
             n = min(n_rows, first + rows) - first
             tile = np.empty((n, in_features), dtype=np.float32)
             for r in range(n):
-                for j in range(n_groups):
-                    k = np.intp(codes[first + r, j, 0]) & mask
-                    for e in range(group):
-                        tile[r, j * group + e] = codebooks[0, k, e]
-                    for c in range(1, n_cb):
-                        k = np.intp(codes[first + r, j, c]) & mask
-                        for e in range(group):
-                            tile[r, j * group + e] += codebooks[c, k, e]
+                _gather_row(codebooks, codes, mask, first + r, tile, r)
             for r in range(n):
                 for t in range(n_tokens):
                     s = np.float32(0)
                     for f in range(in_features):
                         s += tile[r, f] * x[t, f]
                     out[t, first + r] = s * scales[first + r]
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _dequantize_rows_kernel(codebooks: Any, codes: Any, mask: int, scales: Any, first: int, out: Any) -> None:
+        # out [n, I] = rows first .. first + n of the dense weight: codebook entries summed, then scaled.
+        for r in numba.prange(out.shape[0]):
+            _gather_row(codebooks, codes, mask, first + r, out, r)
+            scale = scales[first + r]
+            for f in range(out.shape[1]):
+                out[r, f] *= scale
 
 
 def supports(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
@@ -336,14 +350,17 @@ def matmul(
                 TILE_ROWS,
             )  # fmt: skip
     else:
-        # Blocks of output rows dequantized with torch's own ops and threads.
-        # The codebook copy reads it once in order: the random gathers then hit the cache instead of DRAM.
-        cb_blocks = cb.clone().view(num_codebooks, codebook_size, 1, in_group_size)
+        # Blocks of output rows dequantized into one reused buffer (cache-resident), each applied with torch.matmul.
         rows = max(1, min(out_features, DEQUANTIZE_BLOCK_BYTES // (4 * in_groups * in_group_size)))
+        block = torch.empty(rows, in_groups * in_group_size, dtype=torch.float32)
+        with _LOCK:
+            _start_thread_pool()
+        unsigned = _unsigned_codes(codes)
         for start in range(0, out_features, rows):
-            stop = min(out_features, start + rows)
-            weight = dequantize_weight(codes[start:stop].detach(), cb_blocks, sc[start:stop].view(-1, 1, 1, 1))
-            torch.matmul(x, weight.T, out=out[:, start:stop])
+            weight = block[: min(out_features, start + rows) - start]
+            with _LOCK:
+                _dequantize_rows_kernel(cb.numpy(), unsigned, codebook_size - 1, sc.numpy(), start, weight.numpy())
+            torch.matmul(x, weight.T, out=out[:, start : start + len(weight)])
     if bias is not None:
         out += bias.detach().to(torch.float32)
     return out.to(input.dtype).reshape(*lead, out_features)
