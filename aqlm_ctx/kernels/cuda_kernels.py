@@ -338,6 +338,7 @@ class Plan(NamedTuple):
     window_groups: int
 
 
+@functools.lru_cache(maxsize=4096)  # called on every decode launch; pure function of its arguments
 def plan(tokens: int, out_features: int, groups: int, num_codebooks: int, sm_count: int, splits: int = 0) -> Plan:
     """Split-K and x-window sizes: about :data:`CTAS_PER_SM` CTAs per SM unless ``splits`` is given (at most one
     split per superstep of 32 or 64 groups); the largest x window within :data:`X_WINDOW_BYTES`.
@@ -439,6 +440,7 @@ def _x_slots_1x16(window_groups: int) -> int:
     return slots + (4 - slots) % 8
 
 
+@functools.lru_cache(maxsize=4096)  # called on every decode launch; pure function of its arguments
 def plan_1x16(
     tokens: int,
     out_features: int,
@@ -667,6 +669,8 @@ def _custom_op(
         device = args[0].device  # type: ignore[union-attr]
         if build(device) is None:
             return fallback(*args)
+        if device.index == torch.cuda.current_device():  # the common case: no device switch (~5 us per call)
+            return run(*args)
         with torch.cuda.device(device):
             return run(*args)
 

@@ -55,20 +55,25 @@ def _forward_kernel(
 ) -> torch.Tensor:
     """The fastest correct kernel for these tensors' device, dtype and format (no autograd)."""
     if input.is_cuda:
-        # aqlm's CUDA extension and Triton launch on the *current* device: make it the tensors' device
+        enabled = gpu_kernels_enabled()
+        if enabled:
+            # Our CUDA ops switch to their tensors' device themselves.
+            from . import cuda_kernels
+
+            if cuda_kernels.supports(input, codes, codebooks, scales, bias):
+                return cuda_kernels.matmul(input, codes, codebooks, scales, bias)
+            if cuda_kernels.supports_1x16(input, codes, codebooks, scales, bias):
+                return cuda_kernels.matmul_1x16(input, codes, codebooks, scales, bias)
+            if cuda_kernels.supports_prefill(input, codes, codebooks, scales, bias):
+                return cuda_kernels.prefill_matmul(input, codes, codebooks, scales, bias)
+            if cuda_kernels.supports_dequantized(input, codes, codebooks, scales, bias):
+                return cuda_kernels.dequantized_matmul(input, codes, codebooks, scales, bias)
+        # Triton and aqlm's CUDA extension launch on the *current* device: make it the tensors' device
         # (layers spread over several GPUs by a device_map are on other devices than the current one).
         with torch.cuda.device(input.device):
-            if gpu_kernels_enabled():
-                from . import cuda_kernels, triton_kernels
+            if enabled:
+                from . import triton_kernels
 
-                if cuda_kernels.supports(input, codes, codebooks, scales, bias):
-                    return cuda_kernels.matmul(input, codes, codebooks, scales, bias)
-                if cuda_kernels.supports_1x16(input, codes, codebooks, scales, bias):
-                    return cuda_kernels.matmul_1x16(input, codes, codebooks, scales, bias)
-                if cuda_kernels.supports_prefill(input, codes, codebooks, scales, bias):
-                    return cuda_kernels.prefill_matmul(input, codes, codebooks, scales, bias)
-                if cuda_kernels.supports_dequantized(input, codes, codebooks, scales, bias):
-                    return cuda_kernels.dequantized_matmul(input, codes, codebooks, scales, bias)
                 if triton_kernels.supports(input, codes, codebooks):
                     return triton_kernels.matmul(input, codes, codebooks, scales, bias)
             return _stock_cuda_matmul(input, codes, codebooks, scales, bias)
