@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .dispatch import _triton_or_stock_matmul
 from .ops import define
 
 __all__ = [
@@ -634,22 +635,6 @@ def launch_prefill(
     return y.view(*lead, out_features)
 
 
-def _fallback(
-    input: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """Triton or stock aqlm, for a custom op traced by torch.compile whose extension then failed to build."""
-    from . import triton_kernels
-    from .dispatch import _stock_cuda_matmul
-
-    if triton_kernels.supports(input, codes, codebooks):
-        return triton_kernels.matmul(input, codes, codebooks, scales, bias)
-    return _stock_cuda_matmul(input, codes, codebooks, scales, bias)
-
-
 def _custom_op(
     name: str,
     schema: str,
@@ -709,7 +694,7 @@ matmul = _custom_op(
     "aqlm_decode",
     _MATMUL_SCHEMA,
     launch,
-    _fallback,
+    _triton_or_stock_matmul,
     _matmul_fake,
     """``matmul(input, codes, codebooks, scales, bias)``: ``input @ W.T + bias`` on the GPU for a layer
     :func:`supports` accepts (custom op ``aqlm_ctx::aqlm_decode``). Codes are only read.
@@ -723,7 +708,7 @@ matmul_1x16 = _custom_op(
     "aqlm_decode_1x16",
     _MATMUL_SCHEMA,
     launch_1x16,
-    _fallback,
+    _triton_or_stock_matmul,
     _matmul_fake,
     """``matmul_1x16(input, codes, codebooks, scales, bias)``: ``input @ W.T + bias`` for a layer
     :func:`supports_1x16` accepts (custom op ``aqlm_ctx::aqlm_decode_1x16``). Codes are only read.
@@ -737,7 +722,7 @@ prefill_matmul = _custom_op(
     "aqlm_prefill",
     _MATMUL_SCHEMA,
     launch_prefill,
-    _fallback,
+    _triton_or_stock_matmul,
     _matmul_fake,
     """``prefill_matmul(input, codes, codebooks, scales, bias)``: ``input @ W.T + bias`` for a layer
     :func:`supports_prefill` accepts (custom op ``aqlm_ctx::aqlm_prefill``). Codes are only read.

@@ -46,6 +46,29 @@ def _stock_cuda_matmul(
     return kernel(input, codes, codebooks, scales, bias)
 
 
+def _triton_or_stock_matmul(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    triton: bool = True,
+) -> torch.Tensor:
+    """Our Triton kernel where it covers the call (and ``triton`` is true), else aqlm's stock CUDA kernel.
+
+    Both launch on the *current* device, so the tensors' device is made current first (layers spread over several
+    GPUs by a device_map are on other devices than the current one).
+    """
+    with torch.cuda.device(input.device):
+        if triton:
+            from . import triton_kernels
+
+            if triton_kernels.supports(input, codes, codebooks):
+                return triton_kernels.matmul(input, codes, codebooks, scales, bias)
+        return _stock_cuda_matmul(input, codes, codebooks, scales, bias)
+
+
 def _forward_kernel(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -68,15 +91,7 @@ def _forward_kernel(
                 return cuda_kernels.prefill_matmul(input, codes, codebooks, scales, bias)
             if cuda_kernels.supports_dequantized(input, codes, codebooks, scales, bias):
                 return cuda_kernels.dequantized_matmul(input, codes, codebooks, scales, bias)
-        # Triton and aqlm's CUDA extension launch on the *current* device: make it the tensors' device
-        # (layers spread over several GPUs by a device_map are on other devices than the current one).
-        with torch.cuda.device(input.device):
-            if enabled:
-                from . import triton_kernels
-
-                if triton_kernels.supports(input, codes, codebooks):
-                    return triton_kernels.matmul(input, codes, codebooks, scales, bias)
-            return _stock_cuda_matmul(input, codes, codebooks, scales, bias)
+        return _triton_or_stock_matmul(input, codes, codebooks, scales, bias, triton=enabled)
     if input.device.type == "cpu":
         from . import cpu
 
