@@ -163,7 +163,13 @@ class TensorReader:
             tensor = handle[name]
             return tensor.dtype, tuple(tensor.shape)
         view = handle.get_slice(name)
-        return _SAFETENSORS_DTYPES[view.get_dtype()], tuple(view.get_shape())
+        stored = view.get_dtype()
+        if stored not in _SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"{self._files.weight_map[name]}: tensor {name} has dtype {stored}, which aqlm_ctx does not read "
+                f"(supported: {', '.join(_SAFETENSORS_DTYPES)})"
+            )
+        return _SAFETENSORS_DTYPES[stored], tuple(view.get_shape())
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor's data, on CPU."""

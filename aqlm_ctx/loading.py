@@ -100,7 +100,9 @@ def _check_quantized_layers(model: nn.Module, checkpoint_config: AqlmConfig | No
     return problems
 
 
-def _tensor_problems(slot: _Slot, source: str, reader: TensorReader | MappingReader, model: nn.Module) -> list[str]:
+def _tensor_problems(
+    slot: _Slot, source: str, reader: TensorReader | MappingReader, modules: Mapping[str, nn.Module]
+) -> list[str]:
     stored_dtype, stored_shape = reader.dtype_and_shape(source)
     expected = slot.tensor
     problems = []
@@ -109,7 +111,7 @@ def _tensor_problems(slot: _Slot, source: str, reader: TensorReader | MappingRea
             f"{source}: shape {list(stored_shape)} in the checkpoint, the model expects {list(expected.shape)}"
         )
     module_path, _, name = slot.names[0].rpartition(".")
-    owner = model.get_submodule(module_path)
+    owner = modules[module_path]
     if isinstance(owner, QuantizedLinear) and name == "codes":
         wanted = _expected_code_dtype(owner)
         if stored_dtype != wanted:
@@ -363,6 +365,7 @@ def _load(
     target_dtype = _parse_dtype(dtype)
     problems = _check_quantized_layers(model, checkpoint_config)
     slots = list(_slots(model).values())
+    modules = dict(model.named_modules(remove_duplicate=False))
     stored = _model_names(reader.names(), checkpoint_renames(model), problems)
     names = set(stored)
     sources: dict[int, str] = {}
@@ -371,7 +374,7 @@ def _load(
         present = [name for name in slot.names if name in names]
         if present:
             sources[id(slot)] = stored[present[0]]
-            problems += _tensor_problems(slot, stored[present[0]], reader, model)
+            problems += _tensor_problems(slot, stored[present[0]], reader, modules)
         elif slot.persistent and slot.tensor.device.type == "meta":
             missing.append(" = ".join(slot.names))
     unexpected = sorted(stored[name] for name in names - {name for slot in slots for name in slot.names})
@@ -515,6 +518,9 @@ def from_pretrained(
         )
     )
     dtype = _parse_dtype(load_kwargs.pop("dtype", None)) or _checkpoint_dtype(model_config) or torch.float32
+    unknown = set(load_kwargs) - {"device", "device_map", "max_memory", "strict", "allow_pickle"}
+    if unknown:  # before the (possibly slow) build
+        raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     if model_fn is None:
         model = _build_transformers_model(directory, model_config, config, dtype)
         rebuild = None
