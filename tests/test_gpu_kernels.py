@@ -364,37 +364,38 @@ def test_cuda_decode_declines_what_it_does_not_cover() -> None:
 
 
 @requires_cuda
-@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+@pytest.mark.parametrize("fmt", [*DECODE_FORMATS, "1x16"])
 def test_cuda_decode_graph_compile_and_dispatch(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CUDA-graph capture, torch.compile(fullgraph) and dispatch through aqlm.QuantizedLinear."""
+    """CUDA-graph capture, torch.compile(fullgraph), dispatch through aqlm.QuantizedLinear, the off switch and the
+    build-failure fallback (Triton)."""
     aqlm = pytest.importorskip("aqlm")
-    from aqlm_ctx.kernels import cuda_kernels
+    from aqlm_ctx.kernels import cuda_kernels, triton_kernels
     from aqlm_ctx.kernels.dispatch import install_kernels
 
+    op_name = "matmul_1x16" if fmt == "1x16" else "matmul"
+    op = getattr(cuda_kernels, op_name)
     codes, codebooks, scales = make_layer(fmt, 512, 1024, torch.float16, "cuda", seed=13)
     bias = torch.randn(512, device="cuda", dtype=torch.float16)
     static_x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
-    cuda_kernels.matmul(static_x, codes, codebooks, scales, bias)  # build and counters outside the capture
+    op(static_x, codes, codebooks, scales, bias)  # build and counters outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = cuda_kernels.matmul(static_x, codes, codebooks, scales, bias)
+        static_y = op(static_x, codes, codebooks, scales, bias)
     for _ in range(3):
         static_x.copy_(torch.randn(4, 1024, device="cuda", dtype=torch.float16))
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(static_y, decode_reference(static_x, codes, codebooks, scales, bias)) < 4e-3
 
-    compiled = torch.compile(
-        lambda x: torch.relu(cuda_kernels.matmul(x, codes, codebooks, scales, bias)), fullgraph=True
-    )
+    compiled = torch.compile(lambda x: torch.relu(op(x, codes, codebooks, scales, bias)), fullgraph=True)
     for tokens in (1, 5):
         x = torch.randn(tokens, 1024, device="cuda", dtype=torch.float16)
         ref = torch.relu(decode_reference(x, codes, codebooks, scales, bias))
         assert rel_err(compiled(x), ref) < 4e-3
 
-    num_codebooks = codebooks.shape[0]
-    layer = aqlm.QuantizedLinear(1024, 512, 8, 1, num_codebooks, 8, bias=True, device="cuda", dtype=torch.float16)
+    num_codebooks, nbits = codebooks.shape[0], int(codebooks.shape[1]).bit_length() - 1
+    layer = aqlm.QuantizedLinear(1024, 512, 8, 1, num_codebooks, nbits, bias=True, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         layer.codes.copy_(codes)
         layer.codebooks.copy_(codebooks)
@@ -402,21 +403,26 @@ def test_cuda_decode_graph_compile_and_dispatch(fmt: str, monkeypatch: pytest.Mo
         layer.bias.copy_(bias)
     install_kernels(layer)
     calls: list[int] = []
-    real = cuda_kernels.matmul
-    monkeypatch.setattr(cuda_kernels, "matmul", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cuda_kernels, op_name, lambda *a: calls.append(1) or op(*a))
     x = torch.randn(2, 1024, device="cuda", dtype=torch.float16)
+    ref = decode_reference(x, codes, codebooks, scales, bias)
     with torch.no_grad():
         out = layer(x)
-    assert calls and rel_err(out, decode_reference(x, codes, codebooks, scales, bias)) < 4e-3
+    assert calls and rel_err(out, ref) < 4e-3
     monkeypatch.setenv("AQLM_CTX_GPU_KERNELS", "0")
     with torch.no_grad():
         stock = layer(x)
-    assert len(calls) == 1 and rel_err(stock, decode_reference(x, codes, codebooks, scales, bias)) < 4e-3
+    assert len(calls) == 1 and rel_err(stock, ref) < 4e-3
     monkeypatch.delenv("AQLM_CTX_GPU_KERNELS")
     monkeypatch.setitem(cuda_kernels._MODULES, cuda_kernels._arch(x.device), None)  # as if the build had failed
+    triton_calls: list[int] = []
+    real_triton = triton_kernels.matmul
+    monkeypatch.setattr(triton_kernels, "matmul", lambda *a: triton_calls.append(1) or real_triton(*a))
     with torch.no_grad():
         fallback = layer(x)
-    assert len(calls) == 1 and rel_err(fallback, decode_reference(x, codes, codebooks, scales, bias)) < 4e-3
+    assert len(calls) == 1 and rel_err(fallback, ref) < 4e-3
+    assert bool(triton_calls) == triton_kernels.supports(x, codes, codebooks)  # else aqlm's stock kernel
+    assert fmt != "1x16" or triton_calls
 
 
 # ---------------------------------------------------------------- CUDA C++ decode kernel for 1x16 (codebook via L1/L2)
@@ -538,65 +544,6 @@ def test_cuda_decode_1x16_declines_what_it_does_not_cover() -> None:
     assert not cuda_kernels.supports_1x16(x[:, :96], odd_codes, odd_codebooks, odd_scales, None)
     codes8, codebooks8, scales8 = make_layer("2x8", 32, 128, torch.float16, "cuda")
     assert not cuda_kernels.supports_1x16(x, codes8, codebooks8, scales8, None)
-
-
-@requires_cuda
-def test_cuda_decode_1x16_graph_compile_and_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CUDA-graph capture, torch.compile(fullgraph), dispatch through aqlm.QuantizedLinear, the off switch and the
-    build-failure fallback (Triton)."""
-    aqlm = pytest.importorskip("aqlm")
-    from aqlm_ctx.kernels import cuda_kernels
-    from aqlm_ctx.kernels.dispatch import install_kernels
-
-    codes, codebooks, scales = make_layer("1x16", 512, 1024, torch.float16, "cuda", seed=13)
-    bias = torch.randn(512, device="cuda", dtype=torch.float16)
-    static_x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
-    cuda_kernels.matmul_1x16(static_x, codes, codebooks, scales, bias)  # build and counters outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = cuda_kernels.matmul_1x16(static_x, codes, codebooks, scales, bias)
-    for _ in range(3):
-        static_x.copy_(torch.randn(4, 1024, device="cuda", dtype=torch.float16))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(static_y, decode_reference(static_x, codes, codebooks, scales, bias)) < 4e-3
-
-    compiled = torch.compile(
-        lambda x: torch.relu(cuda_kernels.matmul_1x16(x, codes, codebooks, scales, bias)), fullgraph=True
-    )
-    for tokens in (1, 5):
-        x = torch.randn(tokens, 1024, device="cuda", dtype=torch.float16)
-        ref = torch.relu(decode_reference(x, codes, codebooks, scales, bias))
-        assert rel_err(compiled(x), ref) < 4e-3
-
-    layer = aqlm.QuantizedLinear(1024, 512, 8, 1, 1, 16, bias=True, device="cuda", dtype=torch.float16)
-    with torch.no_grad():
-        layer.codes.copy_(codes)
-        layer.codebooks.copy_(codebooks)
-        layer.scales.copy_(scales)
-        layer.bias.copy_(bias)
-    install_kernels(layer)
-    calls: list[int] = []
-    real = cuda_kernels.matmul_1x16
-    monkeypatch.setattr(cuda_kernels, "matmul_1x16", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(2, 1024, device="cuda", dtype=torch.float16)
-    ref = decode_reference(x, codes, codebooks, scales, bias)
-    with torch.no_grad():
-        out = layer(x)
-    assert calls and rel_err(out, ref) < 4e-3
-    monkeypatch.setenv("AQLM_CTX_GPU_KERNELS", "0")
-    with torch.no_grad():
-        stock = layer(x)
-    assert len(calls) == 1 and rel_err(stock, ref) < 4e-3
-    monkeypatch.delenv("AQLM_CTX_GPU_KERNELS")
-    monkeypatch.setitem(cuda_kernels._MODULES, cuda_kernels._arch(x.device), None)  # as if the build had failed
-    triton_calls: list[int] = []
-    real_triton = triton_kernels.matmul
-    monkeypatch.setattr(triton_kernels, "matmul", lambda *a: triton_calls.append(1) or real_triton(*a))
-    with torch.no_grad():
-        fallback = layer(x)
-    assert len(calls) == 1 and triton_calls and rel_err(fallback, ref) < 4e-3
 
 
 # ---------------------------------------------------------------- CUDA prefill (wgmma) and dequantize-then-cuBLAS

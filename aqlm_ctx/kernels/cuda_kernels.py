@@ -669,9 +669,6 @@ def _custom_op(
     return public
 
 
-_MATMUL_SCHEMA = "(Tensor input, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor"
-
-
 def _matmul_fake(input: torch.Tensor, codes: torch.Tensor, *_: torch.Tensor | None) -> torch.Tensor:
     return input.new_empty((*input.shape[:-1], codes.shape[0]))
 
@@ -690,47 +687,28 @@ def _dequantize_fake(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch
     return codebooks.new_empty((codes.shape[0], codes.shape[1] * 8))
 
 
-matmul = _custom_op(
-    "aqlm_decode",
-    _MATMUL_SCHEMA,
-    launch,
-    _triton_or_stock_matmul,
-    _matmul_fake,
-    """``matmul(input, codes, codebooks, scales, bias)``: ``input @ W.T + bias`` on the GPU for a layer
-    :func:`supports` accepts (custom op ``aqlm_ctx::aqlm_decode``). Codes are only read.
+def _matmul_op(
+    public_name: str, op_name: str, run: Callable[..., torch.Tensor], accepts: str
+) -> Callable[..., torch.Tensor]:
+    """A matmul custom op ``aqlm_ctx::<op_name>`` (``run`` when built, Triton or stock otherwise)."""
+    return _custom_op(
+        op_name,
+        "(Tensor input, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor",
+        run,
+        _triton_or_stock_matmul,
+        _matmul_fake,
+        f"""``{public_name}(input, codes, codebooks, scales, bias)``: ``input @ W.T + bias`` on the GPU for a layer
+    :func:`{accepts}` accepts (custom op ``aqlm_ctx::{op_name}``). Codes are only read.
 
     Example:
-        >>> y = matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
+        >>> y = {public_name}(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
     """,
-)
+    )
 
-matmul_1x16 = _custom_op(
-    "aqlm_decode_1x16",
-    _MATMUL_SCHEMA,
-    launch_1x16,
-    _triton_or_stock_matmul,
-    _matmul_fake,
-    """``matmul_1x16(input, codes, codebooks, scales, bias)``: ``input @ W.T + bias`` for a layer
-    :func:`supports_1x16` accepts (custom op ``aqlm_ctx::aqlm_decode_1x16``). Codes are only read.
 
-    Example:
-        >>> y = matmul_1x16(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
-    """,
-)
-
-prefill_matmul = _custom_op(
-    "aqlm_prefill",
-    _MATMUL_SCHEMA,
-    launch_prefill,
-    _triton_or_stock_matmul,
-    _matmul_fake,
-    """``prefill_matmul(input, codes, codebooks, scales, bias)``: ``input @ W.T + bias`` for a layer
-    :func:`supports_prefill` accepts (custom op ``aqlm_ctx::aqlm_prefill``). Codes are only read.
-
-    Example:
-        >>> y = prefill_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
-    """,
-)
+matmul = _matmul_op("matmul", "aqlm_decode", launch, "supports")
+matmul_1x16 = _matmul_op("matmul_1x16", "aqlm_decode_1x16", launch_1x16, "supports_1x16")
+prefill_matmul = _matmul_op("prefill_matmul", "aqlm_prefill", launch_prefill, "supports_prefill")
 
 dequantize = _custom_op(
     "aqlm_dequantize",

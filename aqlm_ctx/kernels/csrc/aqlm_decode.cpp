@@ -56,12 +56,10 @@ std::pair<torch::Tensor, torch::Tensor> outputs(const torch::Tensor& x, int64_t 
   return {y, workspace};
 }
 
-// The fields of DecodeParams that every decode launch fills the same way.
-aqlm_ctx::DecodeParams decode_params(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
-                                     const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
-                                     const torch::Tensor& counters, torch::Tensor& y, torch::Tensor& workspace,
-                                     int64_t splits, int64_t groups_per_split, int64_t window_groups) {
-  aqlm_ctx::DecodeParams p{};
+// The fields of LayerParams, which every launch fills the same way.
+void fill_layer(aqlm_ctx::LayerParams& p, const torch::Tensor& x, const torch::Tensor& codes,
+                const torch::Tensor& codebooks, const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
+                const torch::Tensor& counters, torch::Tensor& y, torch::Tensor& workspace, int64_t splits) {
   p.x = x.data_ptr();
   p.codes = static_cast<const uint8_t*>(codes.data_ptr());
   p.codebooks = codebooks.data_ptr();
@@ -74,9 +72,18 @@ aqlm_ctx::DecodeParams decode_params(const torch::Tensor& x, const torch::Tensor
   p.tokens = static_cast<int>(x.size(0));
   p.out_features = static_cast<int>(codes.size(0));
   p.groups = static_cast<int>(codes.size(1));
+  p.splits = static_cast<int>(splits);
+}
+
+// The fields of DecodeParams that every decode launch fills the same way.
+aqlm_ctx::DecodeParams decode_params(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
+                                     const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
+                                     const torch::Tensor& counters, torch::Tensor& y, torch::Tensor& workspace,
+                                     int64_t splits, int64_t groups_per_split, int64_t window_groups) {
+  aqlm_ctx::DecodeParams p{};
+  fill_layer(p, x, codes, codebooks, scales, bias, counters, y, workspace, splits);
   p.groups_per_split = static_cast<int>(groups_per_split);
   p.window_groups = static_cast<int>(window_groups);
-  p.splits = static_cast<int>(splits);
   return p;
 }
 
@@ -164,20 +171,8 @@ torch::Tensor prefill(const torch::Tensor& x, const torch::Tensor& codes, const 
   const c10::cuda::CUDAGuard guard(x.device());
   auto [y, workspace] = outputs(x, out_features, splits);
   aqlm_ctx::PrefillParams p{};
-  p.x = x.data_ptr();
-  p.codes = static_cast<const uint8_t*>(codes.data_ptr());
-  p.codebooks = codebooks.data_ptr();
-  p.scales = scales.data_ptr();
-  p.bias = bias ? bias->data_ptr() : nullptr;
-  p.y = y.data_ptr();
-  p.workspace = splits > 1 ? workspace.data_ptr<float>() : nullptr;
-  p.counters = splits > 1 ? counters.data_ptr<int>() : nullptr;
-  p.x_stride = x.stride(0);
-  p.tokens = static_cast<int>(tokens);
-  p.out_features = static_cast<int>(out_features);
-  p.groups = static_cast<int>(codes.size(1));
+  fill_layer(p, x, codes, codebooks, scales, bias, counters, y, workspace, splits);
   p.stages_per_split = static_cast<int>(stages_per_split);
-  p.splits = static_cast<int>(splits);
   const cudaError_t err = aqlm_ctx::prefill_launch(p, num_codebooks, x.scalar_type() == at::kBFloat16,
                                                    static_cast<int>(token_tile), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "aqlm_ctx prefill kernel: ", cudaGetErrorString(err));

@@ -15,12 +15,10 @@
 // * fp32 accumulation; scales and bias are applied in the epilogue. With split-K every CTA writes an fp32
 //   partial, and the last CTA of a row block (a ticket counter that resets itself) sums the partials in split order,
 //   so results are deterministic.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <type_traits>
 
 #include "aqlm_decode.h"
+#include "aqlm_device.cuh"
 
 namespace aqlm_ctx {
 namespace {
@@ -43,17 +41,6 @@ __device__ __forceinline__ uint32_t entry_offset(const uint4& codes, int byte) {
 }
 
 template <bool kBf16>
-__device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
-  uint32_t r;
-  if constexpr (kBf16) {
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(0x3f803f80u), "r"(b));  // a * 1 + b
-  } else {
-    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  }
-  return r;
-}
-
-template <bool kBf16>
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (kBf16) {
     asm volatile(
@@ -67,24 +54,6 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
         "{%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(v);
-  } else {
-    return __bfloat162float(v);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else {
-    return __float2bfloat16_rn(v);
   }
 }
 
@@ -146,30 +115,13 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const float 
       }
     }
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) sh_last = atomicAdd(&p.counters[block], 1) == p.splits - 1;
-  __syncthreads();
-  if (!sh_last) return;
-  __threadfence();
-  const int first_row = block * rows_per_cta;
-  for (int i = threadIdx.x; i < p.tokens * rows_per_cta; i += blockDim.x) {
-    const int n = i / rows_per_cta;
-    const int row = first_row + i % rows_per_cta;
-    if (row >= p.out_features) continue;
-    const float* src = p.workspace + static_cast<int64_t>(n) * p.out_features + row;
-    float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) sum += __ldcg(src + s * split_size);
-    const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
-    y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(sum * to_float(scales[row]) + shift);
-  }
-  if (threadIdx.x == 0) p.counters[block] = 0;
+  sum_splits<scalar_t>(p, block, block * rows_per_cta, rows_per_cta, 0, p.tokens, sh_last);
 }
 
 // C codebooks of 256 entries; NT tiles of 8 tokens; kBf16 selects bf16 (else fp16) activations and codebooks.
 template <int C, int NT, bool kBf16>
 __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const DecodeParams p) {
-  using scalar_t = std::conditional_t<kBf16, __nv_bfloat16, __half>;
+  using scalar_t = Scalar<kBf16>;
   constexpr int kGroupsPerLoad = 16 / C;  // groups in one 16-byte code load
   constexpr int kSuper = 4 * kGroupsPerLoad;  // groups one warp covers per superstep (4 quads x one load)
   constexpr int kThreads = kWarps * 32;
@@ -339,7 +291,7 @@ __device__ __forceinline__ uint4 gather_1x16(const char* codebook, uint32_t sh_c
 
 template <int NT, bool kBf16, int kGather>
 __global__ void __launch_bounds__(kMaxWarps1x16 * 32) decode_1x16_kernel(const DecodeParams p) {
-  using scalar_t = std::conditional_t<kBf16, __nv_bfloat16, __half>;
+  using scalar_t = Scalar<kBf16>;
   constexpr int kGroupsPerLoad = 8;           // 16-bit codes in one 16-byte load
   constexpr int kSuper = 4 * kGroupsPerLoad;  // groups one warp covers per superstep (4 quads x one load)
   constexpr int kBatch = kGroupsPerLoad / 2;  // groups per batch of codebook reads (x 2 rows)

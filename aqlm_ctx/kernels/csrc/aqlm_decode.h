@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "aqlm_layer.h"
+
 namespace aqlm_ctx {
 
 constexpr int kWarps = 8;                        // warps per CTA
@@ -18,23 +20,10 @@ constexpr int kMaxWarps1x16 = 16;                // the 1x16 kernel: one m16 row
 // cache_entries from a shared-memory copy and the rest from L2.
 enum Gather1x16 : int { kGatherL1 = 0, kGatherL2 = 1, kGatherShared = 2 };
 
-struct DecodeParams {
-  const void* x;          // [tokens, in_features], rows 16-byte aligned, x_stride elements apart
-  const uint8_t* codes;   // [out_features, groups, num_codebooks] contiguous, unsigned bytes (1x16: 2 bytes a code)
-  const void* codebooks;  // [num_codebooks, codebook_size, 1, 8] contiguous
-  const void* scales;     // [out_features]
-  const void* bias;       // [out_features] or nullptr
-  void* y;                // [tokens, out_features] contiguous
-  float* workspace;       // [splits, tokens, out_features] when splits > 1
-  int* counters;          // [row blocks], all zero between launches (the last CTA of a row block resets its own)
-  int64_t x_stride;
-  int tokens;
-  int out_features;
-  int groups;             // in_features / 8
+struct DecodeParams : LayerParams {
   int groups_per_split;   // multiple of the superstep (32 groups for 2x8 and 1x16, 64 for 1x8)
   int window_groups;      // groups of x staged in shared memory at a time, multiple of the superstep
   int x_slots;            // shared-memory stride between tokens in 16-byte slots
-  int splits;
   // 1x16 only:
   int rows_per_cta;       // 16 x warps per CTA
   int tiles;              // row blocks x splits; the grid loops over them (persistent CTAs)

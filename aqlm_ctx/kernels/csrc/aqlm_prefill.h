@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "aqlm_layer.h"
+
 namespace aqlm_ctx {
 
 constexpr int kPrefillThreads = 256;  // two warpgroups, 64 output rows each
@@ -12,21 +14,8 @@ constexpr int kPrefillRows = 128;     // output rows one CTA owns
 constexpr int kPrefillStageK = 64;    // input features per pipeline stage (8 groups)
 constexpr int kPrefillStages = 4;     // shared-memory pipeline depth
 
-struct PrefillParams {
-  const void* x;          // [tokens, in_features], rows 16-byte aligned, x_stride elements apart
-  const uint8_t* codes;   // [out_features, groups, num_codebooks] contiguous, unsigned bytes
-  const void* codebooks;  // [num_codebooks, 256, 1, 8] contiguous
-  const void* scales;     // [out_features]
-  const void* bias;       // [out_features] or nullptr
-  void* y;                // [tokens, out_features] contiguous
-  float* workspace;       // [splits, tokens, out_features] when splits > 1
-  int* counters;          // [row blocks x token blocks], all zero between launches (the last CTA resets its own)
-  int64_t x_stride;
-  int tokens;
-  int out_features;
-  int groups;             // in_features / 8, a multiple of 8
+struct PrefillParams : LayerParams {  // groups is a multiple of 8; counters: one per row block x token block
   int stages_per_split;   // pipeline stages (64 input features each) per split
-  int splits;
 };
 
 // Shared-memory bytes of a prefill launch with `token_tile` tokens per CTA: codebooks, the stage ring, a ticket flag,

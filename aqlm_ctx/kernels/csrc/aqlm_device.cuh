@@ -1,0 +1,77 @@
+// Device helpers that the decode (aqlm_decode.cu) and prefill (aqlm_prefill.cu) kernels share.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "aqlm_layer.h"
+
+namespace aqlm_ctx {
+
+template <bool kBf16>
+using Scalar = std::conditional_t<kBf16, __nv_bfloat16, __half>;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    return __bfloat162float(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16_rn(v);
+  }
+}
+
+// a + b on two packed fp16 or bf16 values.
+template <bool kBf16>
+__device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (kBf16) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(0x3f803f80u), "r"(b));  // a * 1 + b
+  } else {
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  }
+  return r;
+}
+
+// Split-K, after every thread of this CTA wrote its fp32 partial to p.workspace: the last CTA of output tile `tile`
+// to get here (a ticket counter, which it then resets) sums the partials of rows [row0, row0 + rows) x tokens
+// [n0, n0 + n_count) in split order, so results are deterministic, and writes y = sum * scale + bias. Every thread
+// of the CTA calls it (it has barriers).
+template <typename scalar_t>
+__device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int row0, int rows, int n0, int n_count,
+                                           int& sh_last) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) sh_last = atomicAdd(&p.counters[tile], 1) == p.splits - 1;
+  __syncthreads();
+  if (!sh_last) return;
+  __threadfence();
+  const scalar_t* scales = static_cast<const scalar_t*>(p.scales);
+  const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
+  scalar_t* y = static_cast<scalar_t*>(p.y);
+  const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
+  for (int i = threadIdx.x; i < n_count * rows; i += blockDim.x) {
+    const int n = n0 + i / rows;
+    const int row = row0 + i % rows;
+    if (n >= p.tokens || row >= p.out_features) continue;
+    const float* src = p.workspace + static_cast<int64_t>(n) * p.out_features + row;
+    float sum = 0.0f;
+    for (int s = 0; s < p.splits; ++s) sum += __ldcg(src + s * split_size);
+    const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
+    y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(sum * to_float(scales[row]) + shift);
+  }
+  if (threadIdx.x == 0) p.counters[tile] = 0;
+}
+
+}  // namespace aqlm_ctx
