@@ -326,23 +326,28 @@ def test_cuda_decode_large_layer_windows_and_splits(fmt: str, tokens: int) -> No
 
 
 @requires_cuda
-@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+@pytest.mark.parametrize("fmt", [*DECODE_FORMATS, "1x16"])
 def test_cuda_decode_3d_non_contiguous_and_misaligned_inputs(fmt: str) -> None:
     from aqlm_ctx.kernels import cuda_kernels
 
+    matmul, supports = (
+        (cuda_kernels.matmul_1x16, cuda_kernels.supports_1x16)
+        if fmt == "1x16"
+        else (cuda_kernels.matmul, cuda_kernels.supports)
+    )
     codes, codebooks, scales = make_layer(fmt, 96, 256, torch.bfloat16, "cuda", seed=3)
     bias = torch.randn(96, device="cuda", dtype=torch.bfloat16)
     x3 = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16)
-    out = cuda_kernels.matmul(x3, codes, codebooks, scales, bias)
+    out = matmul(x3, codes, codebooks, scales, bias)
     ref = decode_reference(x3.reshape(-1, 256), codes, codebooks, scales, bias).view(2, 3, 96)
     assert out.shape == (2, 3, 96) and rel_err(out, ref) < TOLERANCE[torch.bfloat16]
     wide = torch.randn(3, 520, device="cuda", dtype=torch.bfloat16)
     for x in (wide[:, :512:2], wide[:, 1:257], torch.randn(256, 3, device="cuda", dtype=torch.bfloat16).T):
         assert not x.is_contiguous()
-        assert cuda_kernels.supports(x, codes, codebooks, scales, bias)
-        out = cuda_kernels.matmul(x, codes, codebooks, scales, bias)
+        assert supports(x, codes, codebooks, scales, bias)
+        out = matmul(x, codes, codebooks, scales, bias)
         assert rel_err(out, decode_reference(x, codes, codebooks, scales, bias)) < TOLERANCE[torch.bfloat16]
-    assert cuda_kernels.matmul(x3[:0], codes, codebooks, scales, bias).shape == (0, 3, 96)
+    assert matmul(x3[:0], codes, codebooks, scales, bias).shape == (0, 3, 96)
 
 
 @requires_cuda
@@ -506,25 +511,6 @@ def test_cuda_decode_1x16_windows_splits_and_persistent_ctas(tokens: int) -> Non
         outs = [cuda_kernels.launch_1x16(x, codes, codebooks, scales, bias, splits, gather, warps) for _ in range(10)]
         assert rel_err(outs[0], ref) < TOLERANCE[torch.float16], (gather, warps, splits)
         assert all(torch.equal(o, outs[0]) for o in outs[1:]), (gather, warps, splits)
-
-
-@requires_cuda
-def test_cuda_decode_1x16_3d_non_contiguous_and_misaligned_inputs() -> None:
-    from aqlm_ctx.kernels import cuda_kernels
-
-    codes, codebooks, scales = make_layer("1x16", 96, 256, torch.bfloat16, "cuda", seed=3)
-    bias = torch.randn(96, device="cuda", dtype=torch.bfloat16)
-    x3 = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16)
-    out = cuda_kernels.matmul_1x16(x3, codes, codebooks, scales, bias)
-    ref = decode_reference(x3.reshape(-1, 256), codes, codebooks, scales, bias).view(2, 3, 96)
-    assert out.shape == (2, 3, 96) and rel_err(out, ref) < TOLERANCE[torch.bfloat16]
-    wide = torch.randn(3, 520, device="cuda", dtype=torch.bfloat16)
-    for x in (wide[:, :512:2], wide[:, 1:257], torch.randn(256, 3, device="cuda", dtype=torch.bfloat16).T):
-        assert not x.is_contiguous()
-        assert cuda_kernels.supports_1x16(x, codes, codebooks, scales, bias)
-        out = cuda_kernels.matmul_1x16(x, codes, codebooks, scales, bias)
-        assert rel_err(out, decode_reference(x, codes, codebooks, scales, bias)) < TOLERANCE[torch.bfloat16]
-    assert cuda_kernels.matmul_1x16(x3[:0], codes, codebooks, scales, bias).shape == (0, 3, 96)
 
 
 @requires_cuda

@@ -377,6 +377,37 @@ def _module(device: torch.device) -> ModuleType:
     return module
 
 
+def _counters_or(x: torch.Tensor, splits: int) -> torch.Tensor:
+    """The split-K ticket counters of x's device, or (unused without split-K) x itself."""
+    return _counters(x.device) if splits > 1 else x
+
+
+def _launch(
+    run: Callable[..., torch.Tensor],
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    max_tokens: int | None,
+) -> torch.Tensor:
+    """What every launcher does around its kernel: ``input`` as ``[tokens, in_features]`` (at most ``max_tokens``),
+    no launch for no tokens, the layer's tensors as the kernels take them, and the output in ``input``'s shape.
+    ``run(module, x, codes, codebooks, scales, bias)`` plans and launches.
+    """
+    module = _module(input.device)
+    out_features, groups, _ = codes.shape
+    lead = input.shape[:-1]
+    x = _flat_input(input, groups * 8)
+    if max_tokens is not None and x.shape[0] > max_tokens:
+        raise ValueError(f"the CUDA decode kernel takes at most {max_tokens} tokens, got {x.shape[0]}")
+    if x.shape[0] == 0:
+        return input.new_empty((*lead, out_features))
+    contiguous_bias = None if bias is None else bias.contiguous()
+    y = run(module, x, codes, codebooks.contiguous(), scales.reshape(-1).contiguous(), contiguous_bias)
+    return y.view(*lead, out_features)
+
+
 def launch(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -394,31 +425,15 @@ def launch(
     Example:
         >>> launch(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
     """
-    module = _module(input.device)
-    out_features, groups, num_codebooks = codes.shape
-    lead = input.shape[:-1]
-    x = _flat_input(input, groups * 8)
-    tokens = x.shape[0]
-    if tokens > MAX_TOKENS:
-        raise ValueError(f"the CUDA decode kernel takes at most {MAX_TOKENS} tokens, got {tokens}")
-    if tokens == 0:
-        return input.new_empty((*lead, out_features))
-    n_splits, groups_per_split, window = plan(
-        tokens, out_features, groups, num_codebooks, _sm_count(_index(input.device)), splits
-    )
-    counters = _counters(input.device) if n_splits > 1 else x
-    y = module.decode(
-        x,
-        codes,
-        codebooks.contiguous(),
-        scales.reshape(-1).contiguous(),
-        None if bias is None else bias.contiguous(),
-        counters,
-        n_splits,
-        groups_per_split,
-        window,
-    )
-    return y.view(*lead, out_features)
+
+    def run(module: ModuleType, x: torch.Tensor, *layer: torch.Tensor | None) -> torch.Tensor:
+        out_features, groups, num_codebooks = codes.shape
+        n_splits, groups_per_split, window = plan(
+            x.shape[0], out_features, groups, num_codebooks, _sm_count(_index(x.device)), splits
+        )
+        return module.decode(x, *layer, _counters_or(x, n_splits), n_splits, groups_per_split, window)
+
+    return _launch(run, input, codes, codebooks, scales, bias, MAX_TOKENS)
 
 
 class Plan1x16(NamedTuple):
@@ -529,34 +544,26 @@ def launch_1x16(
     Example:
         >>> launch_1x16(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
     """
-    module = _module(input.device)
-    out_features, groups, _ = codes.shape
-    lead = input.shape[:-1]
-    x = _flat_input(input, groups * 8)
-    tokens = x.shape[0]
-    if tokens > MAX_TOKENS:
-        raise ValueError(f"the CUDA decode kernel takes at most {MAX_TOKENS} tokens, got {tokens}")
-    if tokens == 0:
-        return input.new_empty((*lead, out_features))
-    index = _index(input.device)
-    p = plan_1x16(tokens, out_features, groups, _sm_count(index), splits, gather, warps, *_shared_memory(index))
-    y = module.decode_1x16(
-        x,
-        codes,
-        codebooks.contiguous(),
-        scales.reshape(-1).contiguous(),
-        None if bias is None else bias.contiguous(),
-        _counters(input.device) if p.splits > 1 else x,
-        p.splits,
-        p.groups_per_split,
-        p.window_groups,
-        p.warps,
-        p.grid,
-        p.gather,
-        p.cache_entries,
-        p.carveout,
-    )
-    return y.view(*lead, out_features)
+
+    def run(module: ModuleType, x: torch.Tensor, *layer: torch.Tensor | None) -> torch.Tensor:
+        index = _index(x.device)
+        out_features, groups, _ = codes.shape
+        p = plan_1x16(x.shape[0], out_features, groups, _sm_count(index), splits, gather, warps, *_shared_memory(index))
+        return module.decode_1x16(
+            x,
+            *layer,
+            _counters_or(x, p.splits),
+            p.splits,
+            p.groups_per_split,
+            p.window_groups,
+            p.warps,
+            p.grid,
+            p.gather,
+            p.cache_entries,
+            p.carveout,
+        )
+
+    return _launch(run, input, codes, codebooks, scales, bias, MAX_TOKENS)
 
 
 class PrefillPlan(NamedTuple):
@@ -612,27 +619,15 @@ def launch_prefill(
     Example:
         >>> launch_prefill(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
     """
-    module = _module(input.device)
-    out_features, groups, _ = codes.shape
-    lead = input.shape[:-1]
-    x = _flat_input(input, groups * 8)
-    if x.shape[0] == 0:
-        return input.new_empty((*lead, out_features))
-    tile, n_splits, per_split = plan_prefill(
-        x.shape[0], out_features, groups, _sm_count(_index(input.device)), token_tile, splits
-    )
-    y = module.prefill(
-        x,
-        codes,
-        codebooks.contiguous(),
-        scales.reshape(-1).contiguous(),
-        None if bias is None else bias.contiguous(),
-        _counters(input.device) if n_splits > 1 else x,
-        tile,
-        n_splits,
-        per_split,
-    )
-    return y.view(*lead, out_features)
+
+    def run(module: ModuleType, x: torch.Tensor, *layer: torch.Tensor | None) -> torch.Tensor:
+        out_features, groups, _ = codes.shape
+        tile, n_splits, per_split = plan_prefill(
+            x.shape[0], out_features, groups, _sm_count(_index(x.device)), token_tile, splits
+        )
+        return module.prefill(x, *layer, _counters_or(x, n_splits), tile, n_splits, per_split)
+
+    return _launch(run, input, codes, codebooks, scales, bias, None)
 
 
 def _custom_op(
