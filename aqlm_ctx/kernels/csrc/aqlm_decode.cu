@@ -90,12 +90,12 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const float 
       for (int i = 0; i < 4; ++i) {
         const int row = row_base + 16 * t + 8 * (i / 2);
         if (row >= p.out_features) continue;
-        const float scale = to_float(scales[row]);
-        const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
+        const float scale = convert<float>(scales[row]);
+        const float shift = bias != nullptr ? convert<float>(bias[row]) : 0.0f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           const int n = 8 * nt + 2 * quad + i % 2;
-          if (n < p.tokens) y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(acc[t][nt][i] * scale + shift);
+          if (n < p.tokens) y[static_cast<int64_t>(n) * p.out_features + row] = convert<scalar_t>(acc[t][nt][i] * scale + shift);
         }
       }
     }

@@ -14,18 +14,14 @@ namespace aqlm_ctx {
 template <bool kBf16>
 using Scalar = std::conditional_t<kBf16, __nv_bfloat16, __half>;
 
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, __half>) {
+// Scalar conversions between float and fp16 / bf16 (round to nearest).
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From v) {
+  if constexpr (std::is_same_v<From, __half>) {
     return __half2float(v);
-  } else {
+  } else if constexpr (std::is_same_v<From, __nv_bfloat16>) {
     return __bfloat162float(v);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
+  } else if constexpr (std::is_same_v<To, __half>) {
     return __float2half_rn(v);
   } else {
     return __float2bfloat16_rn(v);
@@ -68,8 +64,8 @@ __device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int r
     const float* src = p.workspace + static_cast<int64_t>(n) * p.out_features + row;
     float sum = 0.0f;
     for (int s = 0; s < p.splits; ++s) sum += __ldcg(src + s * split_size);
-    const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
-    y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(sum * to_float(scales[row]) + shift);
+    const float shift = bias != nullptr ? convert<float>(bias[row]) : 0.0f;
+    y[static_cast<int64_t>(n) * p.out_features + row] = convert<scalar_t>(sum * convert<float>(scales[row]) + shift);
   }
   if (threadIdx.x == 0) p.counters[tile] = 0;
 }

@@ -273,15 +273,15 @@ __global__ void __launch_bounds__(kPrefillThreads, N == 256 ? 1 : 2) prefill_ker
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + local_row + 8 * h;
       if (row >= p.out_features) continue;
-      const float scale = to_float(scales[row]);
-      const float shift = bias != nullptr ? to_float(bias[row]) : 0.0f;
+      const float scale = convert<float>(scales[row]);
+      const float shift = bias != nullptr ? convert<float>(bias[row]) : 0.0f;
 #pragma unroll
       for (int j = 0; j < N / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int n = n0 + 8 * j + 2 * quad + e;
           if (n < p.tokens) {
-            y[static_cast<int64_t>(n) * p.out_features + row] = from_float<scalar_t>(acc[4 * j + 2 * h + e] * scale + shift);
+            y[static_cast<int64_t>(n) * p.out_features + row] = convert<scalar_t>(acc[4 * j + 2 * h + e] * scale + shift);
           }
         }
       }
@@ -347,13 +347,13 @@ __global__ void dequantize_kernel(const void* codes, const uint4* codebooks, con
     const uint4 e = __ldg(codebooks + (c << kBits) + code);
     const scalar_t* v = reinterpret_cast<const scalar_t*>(&e);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) sum[j] += to_float(v[j]);
+    for (int j = 0; j < 8; ++j) sum[j] += convert<float>(v[j]);
   }
-  const float scale = to_float(scales[i / groups]);
+  const float scale = convert<float>(scales[i / groups]);
   uint4 out;
   scalar_t* o = reinterpret_cast<scalar_t*>(&out);
 #pragma unroll
-  for (int j = 0; j < 8; ++j) o[j] = from_float<scalar_t>(sum[j] * scale);
+  for (int j = 0; j < 8; ++j) o[j] = convert<scalar_t>(sum[j] * scale);
   w[i] = out;
 }
 
