@@ -313,7 +313,7 @@ def tune_cuda(
                         for L in layers
                     ]
                     t = graph_time(fns, min_time_s=0.02) * 1e6
-                    actual = cuda_kernels.plan(tokens, out_f, in_f // 8, FORMATS[fmt][0], sm, splits).splits
+                    actual = cuda_kernels.plan(tokens, out_f, in_f // 8, FORMATS[fmt][0], sm, splits).ctas
                     rows.append(
                         {
                             "fmt": fmt,
@@ -321,12 +321,12 @@ def tune_cuda(
                             "in": in_f,
                             "tokens": tokens,
                             "splits": splits,
-                            "actual_splits": actual,
-                            "planned": chosen.splits,
+                            "ctas": actual,
+                            "planned_ctas": chosen.ctas,
                             "us": t,
                         }
                     )
-                    log(f"tune_cuda {fmt} {out_f}x{in_f} T={tokens} splits={splits}->{actual} {t:.1f} us")
+                    log(f"tune_cuda {fmt} {out_f}x{in_f} T={tokens} splits={splits}->{actual} CTAs {t:.1f} us")
             del layers, first
             torch.cuda.empty_cache()
     return rows

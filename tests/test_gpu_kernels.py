@@ -272,15 +272,25 @@ def test_cuda_decode_declines_cpu_tensors() -> None:
 
 
 def test_cuda_decode_plan() -> None:
-    from aqlm_ctx.kernels.cuda_kernels import X_WINDOW_BYTES, plan
+    from aqlm_ctx.kernels.cuda_kernels import CTAS_PER_SM, ROWS_PER_CTA, X_WINDOW_BYTES, plan
 
     for tokens in (1, 7, 16, 32):
-        for out_f, groups, c in ((4096, 512, 2), (8192, 3584, 2), (28672, 1024, 1), (300, 80, 1)):
-            splits, per_split, window = plan(tokens, out_f, groups, c, 132)
+        for out_f, groups, c in ((4096, 512, 2), (8192, 3584, 2), (28672, 1024, 1), (28672, 1024, 2), (300, 80, 1)):
             superstep = 64 // c
-            assert per_split % superstep == 0 and window % superstep == 0 and 0 < window <= per_split
-            assert splits == -(-groups // per_split)
-            assert window == superstep or tokens * window * 18 <= X_WINDOW_BYTES
+            row_blocks = -(-out_f // ROWS_PER_CTA)
+            units = row_blocks * -(-groups // superstep)
+            ctas, per_split, window = plan(tokens, out_f, groups, c, 132)
+            assert window % superstep == 0 and (window == superstep or tokens * window * 18 <= X_WINDOW_BYTES)
+            if per_split:  # split-K: whole row blocks' splits
+                assert per_split % superstep == 0 and ctas == row_blocks * -(-groups // per_split)
+                assert 0 < window <= per_split
+            else:  # stream-K over every SM
+                assert ctas == min(units, CTAS_PER_SM * 132) and 0 < window <= -(-units // ctas) * superstep
+            forced = plan(tokens, out_f, groups, c, 132, splits=3)
+            assert forced.groups_per_split and forced.ctas == row_blocks * -(-groups // forced.groups_per_split)
+            assert plan(tokens, out_f, groups, c, 132, ctas=7)[:2] == (min(units, 7), 0)
+    assert plan(1, 28672, 1024, 2, 132).groups_per_split == 0  # 112 row blocks: split-K leaves SMs half used
+    assert plan(1, 8192, 3584, 2, 132).groups_per_split > 0  # 32 row blocks x 8 splits fill 256 of 264 slots
 
 
 @requires_cuda
@@ -312,17 +322,19 @@ def test_cuda_decode_matches_reference(fmt: str, dtype_name: str, tokens: int, w
 @pytest.mark.parametrize("fmt", DECODE_FORMATS)
 @pytest.mark.parametrize("tokens", [1, 16])
 def test_cuda_decode_large_layer_windows_and_splits(fmt: str, tokens: int) -> None:
-    """Several x windows per split and several splits per row block, against the reference, deterministic."""
+    """Several x windows per CTA, several CTAs per row block and CTAs across row blocks: against the reference,
+    deterministic."""
     from aqlm_ctx.kernels import cuda_kernels
 
     codes, codebooks, scales = make_layer(fmt, 1024, 8192, torch.float16, "cuda", seed=2)
     bias = torch.randn(1024, device="cuda", dtype=torch.float16)
     x = torch.randn(tokens, 8192, device="cuda", dtype=torch.float16)
     ref = decode_reference(x, codes, codebooks, scales, bias)
-    for splits in (1, 5):
-        outs = [cuda_kernels.launch(x, codes, codebooks, scales, bias, splits=splits) for _ in range(10)]
-        assert rel_err(outs[0], ref) < TOLERANCE[torch.float16]
-        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    # 4 row blocks x 32 (2x8) or 16 (1x8) supersteps: 7 and 13 CTAs take ranges that cross row blocks (stream-K)
+    for grid in dict(splits=1), dict(splits=5), dict(ctas=7), dict(ctas=13), dict(ctas=64):
+        outs = [cuda_kernels.launch(x, codes, codebooks, scales, bias, **grid) for _ in range(10)]
+        assert rel_err(outs[0], ref) < TOLERANCE[torch.float16], grid
+        assert all(torch.equal(o, outs[0]) for o in outs[1:]), grid
 
 
 @requires_cuda

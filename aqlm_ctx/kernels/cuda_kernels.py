@@ -332,30 +332,39 @@ def supports_dequantized(
 
 
 class Plan(NamedTuple):
-    """Launch shape: split-K count, input groups per split, groups of x staged in shared memory at a time."""
+    """Launch shape of the 2x8 / 1x8 decode kernel: CTAs, input groups per split (split-K; 0: stream-K), groups of x
+    staged in shared memory at a time."""
 
-    splits: int
+    ctas: int
     groups_per_split: int
     window_groups: int
 
 
 @functools.lru_cache(maxsize=4096)  # called on every decode launch; pure function of its arguments
-def plan(tokens: int, out_features: int, groups: int, num_codebooks: int, sm_count: int, splits: int = 0) -> Plan:
-    """Split-K and x-window sizes: about :data:`CTAS_PER_SM` CTAs per SM unless ``splits`` is given (at most one
-    split per superstep of 32 or 64 groups); the largest x window within :data:`X_WINDOW_BYTES`.
+def plan(
+    tokens: int, out_features: int, groups: int, num_codebooks: int, sm_count: int, splits: int = 0, ctas: int = 0
+) -> Plan:
+    """Grid and x-window sizes. Work units are supersteps (32 or 64 groups) of one block of :data:`ROWS_PER_CTA`
+    rows. Split-K gives each row block about :data:`CTAS_PER_SM` x SMs / row blocks CTAs of whole supersteps
+    (``splits`` forces the count); stream-K spreads all units evenly over :data:`CTAS_PER_SM` x SMs CTAs (``ctas``
+    forces the count), a CTA's share may span row blocks. Stream-K is used when it gives the busiest CTA fewer units.
+    The x window is the largest within :data:`X_WINDOW_BYTES`, at most one CTA's share.
 
     Example:
-        >>> plan(1, 8192, 3584, 2, 132)  # doctest: +SKIP
+        >>> plan(1, 28672, 1024, 2, 132)  # 112 row blocks: split-K would give 2 CTAs of 16 supersteps per row block
+        Plan(ctas=264, groups_per_split=0, window_groups=448)
     """
     superstep = 64 // num_codebooks
     steps = -(-groups // superstep)
     row_blocks = -(-out_features // ROWS_PER_CTA)
-    if splits <= 0:
-        splits = round(CTAS_PER_SM * sm_count / row_blocks)
-    groups_per_split = -(-steps // max(1, min(splits, steps))) * superstep
-    splits = -(-groups // groups_per_split)
+    units = row_blocks * steps
     window = max(superstep, X_WINDOW_BYTES // (tokens * 18) // superstep * superstep)
-    return Plan(splits, groups_per_split, min(window, groups_per_split))
+    stream_ctas = max(1, min(ctas if ctas > 0 else CTAS_PER_SM * sm_count, units))
+    split_count = splits if splits > 0 else round(CTAS_PER_SM * sm_count / row_blocks)
+    split_steps = -(-steps // max(1, min(split_count, steps)))
+    if ctas > 0 or (splits <= 0 and -(-units // stream_ctas) < split_steps):
+        return Plan(stream_ctas, 0, min(window, -(-units // stream_ctas) * superstep))
+    return Plan(row_blocks * -(-steps // split_steps), split_steps * superstep, min(window, split_steps * superstep))
 
 
 def _counters(device: torch.device) -> torch.Tensor:
@@ -415,8 +424,10 @@ def launch(
     scales: torch.Tensor,
     bias: torch.Tensor | None,
     splits: int = 0,
+    ctas: int = 0,
 ) -> torch.Tensor:
-    """``input @ W.T + bias`` with the 2x8 / 1x8 CUDA decode kernel (``splits`` > 0 forces the split-K count).
+    """``input @ W.T + bias`` with the 2x8 / 1x8 CUDA decode kernel (``splits`` CTAs per row block or ``ctas`` in all
+    force the grid: :func:`plan`).
 
     Raises:
         RuntimeError: the extension cannot be built here.
@@ -428,10 +439,8 @@ def launch(
 
     def run(module: ModuleType, x: torch.Tensor, *layer: torch.Tensor | None) -> torch.Tensor:
         out_features, groups, num_codebooks = codes.shape
-        n_splits, groups_per_split, window = plan(
-            x.shape[0], out_features, groups, num_codebooks, _sm_count(_index(x.device)), splits
-        )
-        return module.decode(x, *layer, _counters_or(x, n_splits), n_splits, groups_per_split, window)
+        p = plan(x.shape[0], out_features, groups, num_codebooks, _sm_count(_index(x.device)), splits, ctas)
+        return module.decode(x, *layer, _counters(x.device), p.ctas, p.groups_per_split, p.window_groups)
 
     return _launch(run, input, codes, codebooks, scales, bias, MAX_TOKENS)
 

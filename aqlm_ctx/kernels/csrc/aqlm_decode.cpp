@@ -87,25 +87,43 @@ aqlm_ctx::DecodeParams decode_params(const torch::Tensor& x, const torch::Tensor
   return p;
 }
 
+// 2x8 / 1x8: with `groups_per_split` > 0, split-K: `ctas` = row blocks x splits, each split that many groups of a
+// row block; with 0, a stream-K grid of `ctas` CTAs over the row blocks' supersteps (see decode_kernel).
+// `window_groups` of x are staged in shared memory at a time.
 torch::Tensor decode(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
                      const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
-                     const torch::Tensor& counters, int64_t splits, int64_t groups_per_split, int64_t window_groups) {
+                     const torch::Tensor& counters, int64_t ctas, int64_t groups_per_split, int64_t window_groups) {
   const int num_codebooks = static_cast<int>(codebooks.size(0));
   TORCH_CHECK(num_codebooks == 1 || num_codebooks == 2, "1 or 2 codebooks");
   check_layer(x, codes, codebooks, scales, bias, 256, 1);
   const int64_t out_features = codes.size(0);
   const int64_t tokens = x.size(0);
   TORCH_CHECK(tokens >= 1 && tokens <= 32, "1 to 32 tokens");
-  check_counters(counters, splits, (out_features + aqlm_ctx::kRowsPerCta - 1) / aqlm_ctx::kRowsPerCta);
   const int super = 64 / num_codebooks;
-  TORCH_CHECK(groups_per_split % super == 0 && window_groups % super == 0 && window_groups > 0, "bad plan");
-  TORCH_CHECK(splits == (codes.size(1) + groups_per_split - 1) / groups_per_split, "bad plan");
+  const int64_t row_blocks = (out_features + aqlm_ctx::kRowsPerCta - 1) / aqlm_ctx::kRowsPerCta;
+  const int64_t steps = (codes.size(1) + super - 1) / super;
+  const int64_t units = row_blocks * steps;
+  TORCH_CHECK(ctas >= 1 && ctas <= units && window_groups % super == 0 && window_groups > 0, "bad plan");
+  TORCH_CHECK((units + 1) * ctas < (int64_t{1} << 31), "layer too large for the decode kernel's 32-bit unit indices");
+  int64_t partials = 1;  // the most CTAs that share a row block: the split-K partial slots of the workspace
+  if (groups_per_split > 0) {
+    TORCH_CHECK(groups_per_split % super == 0, "bad plan");
+    partials = (codes.size(1) + groups_per_split - 1) / groups_per_split;
+    TORCH_CHECK(ctas == row_blocks * partials, "bad plan");
+  } else {
+    const auto contributor = [&](int64_t u) { return ((u + 1) * ctas - 1) / units; };
+    for (int64_t b = 0; b < row_blocks; ++b) {
+      partials = std::max(partials, contributor((b + 1) * steps - 1) - contributor(b * steps) + 1);
+    }
+  }
+  check_counters(counters, partials, row_blocks);
 
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [y, workspace] = outputs(x, out_features, splits);
-  auto p = decode_params(x, codes, codebooks, scales, bias, counters, y, workspace, splits, groups_per_split,
+  auto [y, workspace] = outputs(x, out_features, partials);
+  auto p = decode_params(x, codes, codebooks, scales, bias, counters, y, workspace, partials, groups_per_split,
                          window_groups);
   p.x_slots = aqlm_ctx::decode_x_slots(16 / num_codebooks, p.window_groups);
+  p.tiles = static_cast<int>(ctas);
   const cudaError_t err = aqlm_ctx::decode_launch(p, num_codebooks, x.scalar_type() == at::kBFloat16,
                                                   c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "aqlm_ctx decode kernel: ", cudaGetErrorString(err));

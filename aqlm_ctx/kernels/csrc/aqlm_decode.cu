@@ -73,17 +73,18 @@ __device__ __forceinline__ void stage_x(uint4* sh_x, const DecodeParams& p, int 
 }
 
 // The epilogue for kTiles m16 row tiles x NT token tiles of accumulators per thread (element i of tile (t, nt): row
-// row_base + 16 t + 8 (i / 2), token 8 nt + 2 quad + i % 2) of row block `block`, split `split`. Without split-K it
-// writes y = acc * scale + bias; with split-K it writes this split's fp32 partial, and the last CTA of the row block
-// (a ticket counter that this CTA then resets) sums the partials in split order, so results are deterministic.
+// row_base + 16 t + 8 (i / 2), token 8 nt + 2 quad + i % 2) of row block `block`. When this CTA is the row block's
+// only contributor (`partials` == 1) it writes y = acc * scale + bias; otherwise it writes its fp32 partial into
+// workspace slot `slot` of `partials`, and the last contributor sums them in slot order (sum_splits).
 // Every thread of the CTA calls it (it has barriers when splitting).
 template <typename scalar_t, int kTiles, int NT>
 __device__ __forceinline__ void store_output(const DecodeParams& p, const float (&acc)[kTiles][NT][4], int row_base,
-                                             int quad, int block, int split, int rows_per_cta, int& sh_last) {
+                                             int quad, int block, int slot, int partials, int rows_per_cta,
+                                             int& sh_last) {
   const scalar_t* scales = static_cast<const scalar_t*>(p.scales);
   const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
   scalar_t* y = static_cast<scalar_t*>(p.y);
-  if (p.splits == 1) {
+  if (partials == 1) {
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
@@ -102,7 +103,7 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const float 
     return;
   }
   const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
-  float* partial = p.workspace + split * split_size;
+  float* partial = p.workspace + slot * split_size;
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
@@ -115,12 +116,12 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const float 
       }
     }
   }
-  sum_splits<scalar_t>(p, block, block * rows_per_cta, rows_per_cta, 0, p.tokens, sh_last);
+  sum_splits<scalar_t>(p, block, partials, block * rows_per_cta, rows_per_cta, 0, p.tokens, sh_last);
 }
 
 // C codebooks of 256 entries; NT tiles of 8 tokens; kBf16 selects bf16 (else fp16) activations and codebooks.
 template <int C, int NT, bool kBf16>
-__global__ void __launch_bounds__(kWarps * 32) decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kWarps * 32, NT == 2 ? 2 : 0) decode_kernel(const DecodeParams p) {
   using scalar_t = Scalar<kBf16>;
   constexpr int kGroupsPerLoad = 16 / C;  // groups in one 16-byte code load
   constexpr int kSuper = 4 * kGroupsPerLoad;  // groups one warp covers per superstep (4 quads x one load)
@@ -135,104 +136,133 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const DecodeParams 
   const int quad = lane % 4;
   const int row_in_tile = lane / 4;
   const uint32_t copy = (lane % 8) * 16u;
-  const int g_begin = blockIdx.y * p.groups_per_split;
-  const int g_end = min(g_begin + p.groups_per_split, p.groups);
-  const int row_base = blockIdx.x * kRowsPerCta + (tid / 32) * kRowsPerWarp + row_in_tile;
-
-  // This thread's rows: row_base + 16 * t + 8 * h (the two halves of each m16 tile).
-  const uint8_t* code_ptr[kTilesPerWarp][2];
-  bool row_ok[kTilesPerWarp][2];
-#pragma unroll
-  for (int t = 0; t < kTilesPerWarp; ++t) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row_base + 16 * t + 8 * h;
-      row_ok[t][h] = row < p.out_features;
-      code_ptr[t][h] = p.codes + static_cast<int64_t>(row_ok[t][h] ? row : 0) * p.groups * C + quad * 16;
-    }
+  // Work units are supersteps of one row block, numbered row block after row block. With split-K
+  // (p.groups_per_split > 0) CTA i takes split i % p.splits of row block i / p.splits. Otherwise (stream-K) the
+  // units are split evenly over the grid: CTA i takes units [i W / G, (i + 1) W / G), in segments of one row block
+  // each, and contributor(u) is the CTA holding unit u.
+  const int steps = (p.groups + kSuper - 1) / kSuper;
+  const int units = (p.out_features + kRowsPerCta - 1) / kRowsPerCta * steps;  // units x CTAs < 2^31 (host check)
+  const int ctas = static_cast<int>(gridDim.x);
+  const int cta = static_cast<int>(blockIdx.x);
+  const int split_steps = p.groups_per_split / kSuper;
+  int u_begin, u_end;
+  if (split_steps > 0) {
+    u_begin = cta / p.splits * steps + cta % p.splits * split_steps;
+    u_end = min(u_begin + split_steps, (cta / p.splits + 1) * steps);
+  } else {
+    u_begin = units * cta / ctas;
+    u_end = units * (cta + 1) / ctas;
   }
-  auto load_codes = [&](uint4 (&dst)[kTilesPerWarp][2], int g) {
-    const bool in_range = g + quad * kGroupsPerLoad < g_end;
+  auto contributor = [&](int u) { return ((u + 1) * ctas - 1) / units; };
+#pragma unroll 1
+  for (int u = u_begin; u < u_end;) {
+    const int block = u / steps;
+    const int segment_end = min(u_end, (block + 1) * steps);
+    const int g_begin = (u - block * steps) * kSuper;
+    const int g_end = min((segment_end - block * steps) * kSuper, p.groups);
+    const int row_base = block * kRowsPerCta + (tid / 32) * kRowsPerWarp + row_in_tile;
+
+    // This thread's rows: row_base + 16 * t + 8 * h (the two halves of each m16 tile).
+    const uint8_t* code_ptr[kTilesPerWarp][2];
+    bool row_ok[kTilesPerWarp][2];
 #pragma unroll
     for (int t = 0; t < kTilesPerWarp; ++t) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        dst[t][h] = in_range && row_ok[t][h] ? load_stream(code_ptr[t][h] + static_cast<int64_t>(g) * C)
-                                             : make_uint4(0, 0, 0, 0);
+        const int row = row_base + 16 * t + 8 * h;
+        row_ok[t][h] = row < p.out_features;
+        code_ptr[t][h] = p.codes + static_cast<int64_t>(row_ok[t][h] ? row : 0) * p.groups * C + quad * 16;
       }
     }
-  };
-
-  uint4 cur[kTilesPerWarp][2];
-  load_codes(cur, g_begin);  // in flight while the codebooks are staged
-
-  const uint4* codebooks = static_cast<const uint4*>(p.codebooks);
-  for (int i = tid; i < C * 256; i += kThreads) {
-    const uint4 v = codebooks[i];
+    auto load_codes = [&](uint4 (&dst)[kTilesPerWarp][2], int g) {
+      const bool in_range = g + quad * kGroupsPerLoad < g_end;
 #pragma unroll
-    for (int r = 0; r < 8; ++r) smem[8 * i + ((r + i) & 7)] = v;  // rotated: no bank conflicts while staging
-  }
+      for (int t = 0; t < kTilesPerWarp; ++t) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          dst[t][h] = in_range && row_ok[t][h] ? load_stream(code_ptr[t][h] + static_cast<int64_t>(g) * C)
+                                               : make_uint4(0, 0, 0, 0);
+        }
+      }
+    };
 
-  float acc[kTilesPerWarp][NT][4] = {};
-  for (int w0 = g_begin; w0 < g_end; w0 += p.window_groups) {
-    const int w_len = min(p.window_groups, g_end - w0);
-    __syncthreads();
-    stage_x<kSuper, scalar_t>(sh_x, p, w0, w_len);
-    __syncthreads();
-    for (int s0 = 0; s0 < w_len; s0 += kSuper) {
-      uint4 next[kTilesPerWarp][2];
-      load_codes(next, w0 + s0 + kSuper);
+    uint4 cur[kTilesPerWarp][2];
+    load_codes(cur, g_begin);  // in flight while the codebooks are staged (first segment)
+
+    if (u == u_begin) {
+      const uint4* codebooks = static_cast<const uint4*>(p.codebooks);
+      for (int i = tid; i < C * 256; i += kThreads) {
+        const uint4 v = codebooks[i];
 #pragma unroll
-      for (int s = 0; s < kGroupsPerLoad; ++s) {
-        const int j = s0 + quad * kGroupsPerLoad + s;  // this thread's group in the window
-        uint32_t b[NT][4];
+        for (int r = 0; r < 8; ++r) smem[8 * i + ((r + i) & 7)] = v;  // rotated: no bank conflicts while staging
+      }
+    }
+
+    float acc[kTilesPerWarp][NT][4] = {};
+    for (int w0 = g_begin; w0 < g_end; w0 += p.window_groups) {
+      const int w_len = min(p.window_groups, g_end - w0);
+      __syncthreads();
+      stage_x<kSuper, scalar_t>(sh_x, p, w0, w_len);
+      __syncthreads();
+      for (int s0 = 0; s0 < w_len; s0 += kSuper) {
+        uint4 next[kTilesPerWarp][2];
+        load_codes(next, w0 + s0 + kSuper);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int n = row_in_tile + 8 * nt;
-          uint4 v = make_uint4(0, 0, 0, 0);
-          if (n < p.tokens) v = sh_x[n * p.x_slots + j + j / 8];
-          b[nt][0] = v.x;
-          b[nt][1] = v.y;
-          b[nt][2] = v.z;
-          b[nt][3] = v.w;
+        for (int s = 0; s < kGroupsPerLoad; ++s) {
+          const int j = s0 + quad * kGroupsPerLoad + s;  // this thread's group in the window
+          uint32_t b[NT][4];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const int n = row_in_tile + 8 * nt;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (n < p.tokens) v = sh_x[n * p.x_slots + j + j / 8];
+            b[nt][0] = v.x;
+            b[nt][1] = v.y;
+            b[nt][2] = v.z;
+            b[nt][3] = v.w;
+          }
+#pragma unroll
+          for (int t = 0; t < kTilesPerWarp; ++t) {
+            uint32_t a[2][4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              uint4 e = *reinterpret_cast<const uint4*>(sh_cb + entry_offset(cur[t][h], s * C) + copy);
+              if constexpr (C == 2) {
+                const uint4 e1 =
+                    *reinterpret_cast<const uint4*>(sh_cb + 256 * 128 + entry_offset(cur[t][h], s * C + 1) + copy);
+                e.x = add2<kBf16>(e.x, e1.x);
+                e.y = add2<kBf16>(e.y, e1.y);
+                e.z = add2<kBf16>(e.z, e1.z);
+                e.w = add2<kBf16>(e.w, e1.w);
+              }
+              a[h][0] = e.x;
+              a[h][1] = e.y;
+              a[h][2] = e.z;
+              a[h][3] = e.w;
+            }
+            // Elements 4k..4k+3 of the group go to mma k: thread quad q holds k-slots 2q, 2q+1, 2q+8, 2q+9.
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              const uint32_t frag[4] = {a[0][2 * k], a[1][2 * k], a[0][2 * k + 1], a[1][2 * k + 1]};
+#pragma unroll
+              for (int nt = 0; nt < NT; ++nt) mma<kBf16>(acc[t][nt], frag, b[nt][2 * k], b[nt][2 * k + 1]);
+            }
+          }
         }
 #pragma unroll
         for (int t = 0; t < kTilesPerWarp; ++t) {
-          uint32_t a[2][4];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            uint4 e = *reinterpret_cast<const uint4*>(sh_cb + entry_offset(cur[t][h], s * C) + copy);
-            if constexpr (C == 2) {
-              const uint4 e1 =
-                  *reinterpret_cast<const uint4*>(sh_cb + 256 * 128 + entry_offset(cur[t][h], s * C + 1) + copy);
-              e.x = add2<kBf16>(e.x, e1.x);
-              e.y = add2<kBf16>(e.y, e1.y);
-              e.z = add2<kBf16>(e.z, e1.z);
-              e.w = add2<kBf16>(e.w, e1.w);
-            }
-            a[h][0] = e.x;
-            a[h][1] = e.y;
-            a[h][2] = e.z;
-            a[h][3] = e.w;
-          }
-          // Elements 4k..4k+3 of the group go to mma k: thread quad q holds k-slots 2q, 2q+1, 2q+8, 2q+9.
-#pragma unroll
-          for (int k = 0; k < 2; ++k) {
-            const uint32_t frag[4] = {a[0][2 * k], a[1][2 * k], a[0][2 * k + 1], a[1][2 * k + 1]};
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mma<kBf16>(acc[t][nt], frag, b[nt][2 * k], b[nt][2 * k + 1]);
-          }
+          cur[t][0] = next[t][0];
+          cur[t][1] = next[t][1];
         }
       }
-#pragma unroll
-      for (int t = 0; t < kTilesPerWarp; ++t) {
-        cur[t][0] = next[t][0];
-        cur[t][1] = next[t][1];
-      }
     }
-  }
 
-  store_output<scalar_t, kTilesPerWarp, NT>(p, acc, row_base, quad, blockIdx.x, blockIdx.y, kRowsPerCta, sh_last);
+    const int first = split_steps > 0 ? block * p.splits : contributor(block * steps);
+    const int partials = split_steps > 0 ? p.splits : contributor((block + 1) * steps - 1) - first + 1;
+    store_output<scalar_t, kTilesPerWarp, NT>(p, acc, row_base, quad, block, cta - first, partials, kRowsPerCta,
+                                              sh_last);
+    u = segment_end;
+  }
 }
 
 template <int C, int NT, bool kBf16>
@@ -241,8 +271,7 @@ cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
   auto kernel = decode_kernel<C, NT, kBf16>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.out_features + kRowsPerCta - 1) / kRowsPerCta, p.splits);
-  kernel<<<grid, kWarps * 32, smem, stream>>>(p);
+  kernel<<<p.tiles, kWarps * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -405,7 +434,7 @@ __global__ void __launch_bounds__(kMaxWarps1x16 * 32) decode_1x16_kernel(const D
         cur[1] = next[1];
       }
     }
-    store_output<scalar_t, 1, NT>(p, acc, row_base, quad, block, split, p.rows_per_cta, sh_last);
+    store_output<scalar_t, 1, NT>(p, acc, row_base, quad, block, split, p.splits, p.rows_per_cta, sh_last);
   }
 }
 

@@ -20,13 +20,14 @@ constexpr int kMaxWarps1x16 = 16;                // the 1x16 kernel: one m16 row
 // cache_entries from a shared-memory copy and the rest from L2.
 enum Gather1x16 : int { kGatherL1 = 0, kGatherL2 = 1, kGatherShared = 2 };
 
+// splits (LayerParams): the workspace's partial slots, i.e. the most CTAs that share a row block.
 struct DecodeParams : LayerParams {
-  int groups_per_split;   // multiple of the superstep (32 groups for 2x8 and 1x16, 64 for 1x8)
   int window_groups;      // groups of x staged in shared memory at a time, multiple of the superstep
   int x_slots;            // shared-memory stride between tokens in 16-byte slots
+  int tiles;              // 2x8 / 1x8: CTAs of the grid; 1x16: row blocks x splits, which the grid loops over
+  int groups_per_split;   // split-K: groups per split, a multiple of the superstep; 2x8 / 1x8: 0 for stream-K
   // 1x16 only:
   int rows_per_cta;       // 16 x warps per CTA
-  int tiles;              // row blocks x splits; the grid loops over them (persistent CTAs)
   int cache_entries;      // kGatherShared: codebook entries [0, cache_entries) staged in shared memory
 };
 

@@ -40,16 +40,16 @@ __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
   return r;
 }
 
-// Split-K, after every thread of this CTA wrote its fp32 partial to p.workspace: the last CTA of output tile `tile`
-// to get here (a ticket counter, which it then resets) sums the partials of rows [row0, row0 + rows) x tokens
-// [n0, n0 + n_count) in split order, so results are deterministic, and writes y = sum * scale + bias. Every thread
-// of the CTA calls it (it has barriers).
+// Split-K, after every thread of this CTA wrote its fp32 partial to p.workspace (slot k of `partials` at
+// p.workspace + k * tokens * out_features): the last of the tile's `partials` CTAs to get here (a ticket counter,
+// which it then resets) sums the partials of rows [row0, row0 + rows) x tokens [n0, n0 + n_count) in slot order, so
+// results are deterministic, and writes y = sum * scale + bias. Every thread of the CTA calls it (it has barriers).
 template <typename scalar_t>
-__device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int row0, int rows, int n0, int n_count,
-                                           int& sh_last) {
+__device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int partials, int row0, int rows, int n0,
+                                           int n_count, int& sh_last) {
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) sh_last = atomicAdd(&p.counters[tile], 1) == p.splits - 1;
+  if (threadIdx.x == 0) sh_last = atomicAdd(&p.counters[tile], 1) == partials - 1;
   __syncthreads();
   if (!sh_last) return;
   __threadfence();
@@ -63,7 +63,7 @@ __device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int r
     if (n >= p.tokens || row >= p.out_features) continue;
     const float* src = p.workspace + static_cast<int64_t>(n) * p.out_features + row;
     float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) sum += __ldcg(src + s * split_size);
+    for (int s = 0; s < partials; ++s) sum += __ldcg(src + s * split_size);
     const float shift = bias != nullptr ? convert<float>(bias[row]) : 0.0f;
     y[static_cast<int64_t>(n) * p.out_features + row] = convert<scalar_t>(sum * convert<float>(scales[row]) + shift);
   }

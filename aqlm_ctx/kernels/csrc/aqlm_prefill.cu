@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(kPrefillThreads, N == 256 ? 1 : 2) prefill_ker
       }
     }
   }
-  sum_splits<scalar_t>(p, blockIdx.y * gridDim.x + blockIdx.x, row0, kPrefillRows, n0, N, sh_last);
+  sum_splits<scalar_t>(p, blockIdx.y * gridDim.x + blockIdx.x, p.splits, row0, kPrefillRows, n0, N, sh_last);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
