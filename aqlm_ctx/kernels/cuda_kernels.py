@@ -3,10 +3,12 @@ prefill (2x8 and 1x8, many tokens, Hopper) and a dequantizer (2x8, 1x8, 1x16) fo
 
 The 2x8 / 1x8 decode kernel (``csrc/aqlm_decode.cu``, shipped with the package) keeps the codebooks in shared memory,
 replicated 8 times so that 16-byte reads never conflict, streams the codes with 16-byte loads, decodes each 8-weight
-group once into tensor-core operands that serve every token of the call, and fuses scales and bias; split-K with a
-deterministic reduction fills the GPU when a layer has few output rows. The 1x16 decode kernel (same file) has the
-same structure, but its 1 MiB codebook does not fit in shared memory: each group is one random 16-byte read through
-L1 / L2, many of them kept in flight per thread, on persistent CTAs (:func:`plan_1x16`). The prefill kernel
+group once into tensor-core operands that serve every token of the call, and fuses scales and bias. When a layer has
+few blocks of output rows, split-K fills the GPU, or stream-K (CTAs whose shares of the work span row blocks) where
+split-K would leave SMs idle; either way a deterministic reduction sums the partials (:func:`plan`). The 1x16
+decode kernel (same file) has the same structure, but its 1 MiB codebook does not fit in shared memory: each group
+is one random 16-byte read through L1 / L2, many of them kept in flight per thread, on persistent CTAs
+(:func:`plan_1x16`). The prefill kernel
 (``csrc/aqlm_prefill.cu``, sm_90a) decodes the same way straight into the register operand of ``wgmma`` (the
 weight) and streams tiles of up to 256 tokens through shared memory as the other operand, so the weight is never
 written out. The kernels are compiled on first use with

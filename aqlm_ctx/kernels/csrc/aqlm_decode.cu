@@ -1,8 +1,9 @@
 // Decode kernels for AQLM layers (in_group_size 8, out_group_size 1): 2x8 and 1x8 (8-bit codebooks in shared memory),
 // and 1x16 (one codebook of 65536 entries, read through L1 / L2; see decode_1x16_kernel below).
 //
-// One launch computes y = (x @ W.T) * scales + bias for 1-32 tokens. Each CTA owns kRowsPerCta output rows and a
-// range of input groups (split-K when there are too few row blocks to fill the GPU):
+// One launch computes y = (x @ W.T) * scales + bias for 1-32 tokens. Each CTA works on blocks of kRowsPerCta output
+// rows and ranges of input groups: one row block, all of it or one split of it (split-K), or an even share of all
+// (row block, superstep) units that may span row blocks (stream-K, where split-K would leave SMs idle):
 // * the codebooks are staged once into shared memory, 8 copies of each 16-byte entry, and lane l reads copy l % 8,
 //   so every quarter-warp's 16-byte loads hit 8 different bank groups whatever the codes are;
 // * codes stream from global memory with 16-byte loads (one load = 8 groups of one row for 2 codebooks, 16 for 1),
@@ -12,8 +13,8 @@
 //   mma.m16n8k16 once the reduction dimension is permuted (thread quad q owns groups 8q.. / 16q.. of a load, and
 //   x is read in the same permuted order), so tokens go through tensor cores and every decoded group is reused for
 //   all tokens of the launch;
-// * fp32 accumulation; scales and bias are applied in the epilogue. With split-K every CTA writes an fp32
-//   partial, and the last CTA of a row block (a ticket counter that resets itself) sums the partials in split order,
+// * fp32 accumulation; scales and bias are applied in the epilogue. When a row block has several CTAs, each writes an
+//   fp32 partial, and the last to finish (a ticket counter that resets itself) sums the partials in a fixed order,
 //   so results are deterministic.
 #include <type_traits>
 
