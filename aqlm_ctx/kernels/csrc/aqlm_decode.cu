@@ -73,6 +73,18 @@ __device__ __forceinline__ void stage_x(uint4* sh_x, const DecodeParams& p, int 
   }
 }
 
+// Stages x window by window over groups [g_begin, g_end) and calls step(w0, s0) for every superstep s0 of window w0.
+template <int kSuper, typename scalar_t, typename Step>
+__device__ __forceinline__ void over_windows(uint4* sh_x, const DecodeParams& p, int g_begin, int g_end, Step&& step) {
+  for (int w0 = g_begin; w0 < g_end; w0 += p.window_groups) {
+    const int w_len = min(p.window_groups, g_end - w0);
+    __syncthreads();
+    stage_x<kSuper, scalar_t>(sh_x, p, w0, w_len);
+    __syncthreads();
+    for (int s0 = 0; s0 < w_len; s0 += kSuper) step(w0, s0);
+  }
+}
+
 // The epilogue for kTiles m16 row tiles x NT token tiles of accumulators per thread (element i of tile (t, nt): row
 // row_base + 16 t + 8 (i / 2), token 8 nt + 2 quad + i % 2) of row block `block`. When this CTA is the row block's
 // only contributor (`partials` == 1) it writes y = acc * scale + bias; otherwise it writes its fp32 partial into
@@ -200,12 +212,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 2 ? 2 : 0) decode_kernel(co
     }
 
     float acc[kTilesPerWarp][NT][4] = {};
-    for (int w0 = g_begin; w0 < g_end; w0 += p.window_groups) {
-      const int w_len = min(p.window_groups, g_end - w0);
-      __syncthreads();
-      stage_x<kSuper, scalar_t>(sh_x, p, w0, w_len);
-      __syncthreads();
-      for (int s0 = 0; s0 < w_len; s0 += kSuper) {
+    over_windows<kSuper, scalar_t>(sh_x, p, g_begin, g_end, [&](int w0, int s0) {
         uint4 next[kTilesPerWarp][2];
         load_codes(next, w0 + s0 + kSuper);
 #pragma unroll
@@ -255,8 +262,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 2 ? 2 : 0) decode_kernel(co
           cur[t][0] = next[t][0];
           cur[t][1] = next[t][1];
         }
-      }
-    }
+    });
 
     const int first = split_steps > 0 ? block * p.splits : contributor(block * steps);
     const int partials = split_steps > 0 ? p.splits : contributor((block + 1) * steps - 1) - first + 1;
@@ -418,12 +424,7 @@ __global__ void __launch_bounds__(kMaxWarps1x16 * 32) decode_1x16_kernel(const D
     uint4 batch1[2][kBatch];
     load_codes(cur, g_begin);
     gather(batch0, cur, First{});
-    for (int w0 = g_begin; w0 < g_end; w0 += p.window_groups) {
-      const int w_len = min(p.window_groups, g_end - w0);
-      __syncthreads();
-      stage_x<kSuper, scalar_t>(sh_x, p, w0, w_len);
-      __syncthreads();
-      for (int s0 = 0; s0 < w_len; s0 += kSuper) {
+    over_windows<kSuper, scalar_t>(sh_x, p, g_begin, g_end, [&](int w0, int s0) {
         const int g_next = w0 + s0 + kSuper;
         uint4 next[2];
         load_codes(next, g_next);
@@ -433,8 +434,7 @@ __global__ void __launch_bounds__(kMaxWarps1x16 * 32) decode_1x16_kernel(const D
         multiply(batch1, s0, Second{});
         cur[0] = next[0];
         cur[1] = next[1];
-      }
-    }
+    });
     store_output<scalar_t, 1, NT>(p, acc, row_base, quad, block, split, p.splits, p.rows_per_cta, sh_last);
   }
 }
