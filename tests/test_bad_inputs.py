@@ -183,6 +183,15 @@ def _model_fn_not_module(ckpt: Path) -> None:
     from_pretrained(ckpt, model_fn=lambda: "model")
 
 
+def _scales_float8(ckpt: Path) -> None:
+    rewrite(ckpt, lambda t: t.update({"proj.scales": t["proj.scales"].to(torch.float8_e4m3fn)}))
+    load_checkpoint(skeleton(), ckpt)
+
+
+def _from_pretrained_typo(ckpt: Path) -> None:
+    from_pretrained(ckpt, model_fn=skeleton, devce="cpu")
+
+
 def _unknown_architecture(ckpt: Path) -> None:
     edit_config(ckpt, lambda data: data.update(architectures=["NoSuchModelForCausalLM"], model_type="llama"))
     from_pretrained(ckpt)
@@ -408,6 +417,18 @@ CASES: list[tuple[str, Callable[[Path], Any], type[Exception], str]] = [
         r"names architecture \['NoSuchModelForCausalLM'\]",
     ),
     ("ckpt-model-fn-not-module", _model_fn_not_module, TypeError, r"model_fn returned str, not a torch\.nn\.Module"),
+    (
+        "ckpt-scales-float8",
+        _scales_float8,
+        ValueError,
+        r"model\.safetensors: tensor proj\.scales has dtype F8_E4M3, which aqlm_ctx does not read \(supported: F64",
+    ),
+    (
+        "ckpt-from-pretrained-typo",
+        _from_pretrained_typo,
+        TypeError,
+        r"from_pretrained\(\) got unexpected keyword arguments: devce",
+    ),
     ("load-device-and-map", _device_and_map, ValueError, r"pass either device or device_map"),
     ("load-dtype-int", _load_dtype, ValueError, r"^dtype must be a floating dtype .*got torch\.int8"),
     # -- decorator misuse

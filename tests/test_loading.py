@@ -226,20 +226,3 @@ def test_saving_over_the_checkpoint_a_model_was_loaded_from(tmp_path: Path) -> N
         assert torch.equal(model(TOKENS).logits, before)
         assert torch.equal(from_pretrained(tmp_path)(TOKENS).logits, before)
     assert not list(tmp_path.glob(".*.tmp"))
-
-
-def test_from_pretrained_rejects_unknown_keyword_before_building(tmp_path: Path) -> None:
-    write_llama_checkpoint(tmp_path, tiny_llama(tie=False), FORMATS["2x8"], dtype=torch.float16)
-    with pytest.raises(TypeError, match="unexpected keyword arguments: devce"):
-        from_pretrained(tmp_path, devce="cpu")
-
-
-def test_tensor_of_a_dtype_we_do_not_read_is_named(tmp_path: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    write_llama_checkpoint(tmp_path, tiny_llama(tie=False), FORMATS["2x8"], dtype=torch.float32)
-    tensors = load_file(tmp_path / "model.safetensors")
-    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
-    save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"model\.norm\.weight has dtype F8_E4M3.*supported: F64"):
-        from_pretrained(tmp_path)
