@@ -518,8 +518,9 @@ def from_pretrained(
         )
     )
     dtype = _parse_dtype(load_kwargs.pop("dtype", None)) or _checkpoint_dtype(model_config) or torch.float32
-    unknown = set(load_kwargs) - {"device", "device_map", "max_memory", "strict", "allow_pickle"}
-    if unknown:  # before the (possibly slow) build
+    # load_checkpoint's keyword arguments, less those from_pretrained passes itself; checked before the (slow) build.
+    unknown = set(load_kwargs) - (set(inspect.signature(load_checkpoint).parameters) - {"model", "path", "rebuild"})
+    if unknown:
         raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     if model_fn is None:
         model = _build_transformers_model(directory, model_config, config, dtype)
