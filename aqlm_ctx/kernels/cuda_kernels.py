@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import _triton_or_stock_matmul
-from .ops import define
+from .ops import MATMUL_SCHEMA, define
 
 __all__ = [
     "DECODE_1X16_TOKEN_RANGE",
@@ -699,7 +699,7 @@ def _matmul_op(
     """A matmul custom op ``aqlm_ctx::<op_name>`` (``run`` when built, Triton or stock otherwise)."""
     return _custom_op(
         op_name,
-        "(Tensor input, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor",
+        MATMUL_SCHEMA,
         run,
         _triton_or_stock_matmul,
         _matmul_fake,

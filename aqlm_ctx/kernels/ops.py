@@ -15,7 +15,10 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["define"]
+__all__ = ["MATMUL_SCHEMA", "define"]
+
+MATMUL_SCHEMA = "(Tensor input, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor"
+"""The schema of every ``input @ W.T + bias`` op (our CUDA decode, 1x16 and prefill kernels, and Triton)."""
 
 _LIBRARY = torch.library.Library("aqlm_ctx", "FRAGMENT")
 

@@ -16,7 +16,7 @@ import importlib.util
 
 import torch
 
-from .ops import define
+from .ops import MATMUL_SCHEMA, define
 
 __all__ = ["SUPPORTED_FORMATS", "matmul", "supports"]
 
@@ -98,12 +98,7 @@ def _aqlm_matmul_fake(
     return input.new_empty((*input.shape[:-1], codes.shape[0] * codebooks.shape[2]))
 
 
-_aqlm_matmul = define(
-    "aqlm_matmul",
-    "(Tensor input, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor",
-    _aqlm_matmul_cuda,
-    _aqlm_matmul_fake,
-)
+_aqlm_matmul = define("aqlm_matmul", MATMUL_SCHEMA, _aqlm_matmul_cuda, _aqlm_matmul_fake)
 
 
 def matmul(
