@@ -274,12 +274,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 2 ? 2 : 0) decode_kernel(co
 
 template <int C, int NT, bool kBf16>
 cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
-  const int smem = decode_smem_bytes(C, p);
-  auto kernel = decode_kernel<C, NT, kBf16>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<p.tiles, kWarps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(decode_kernel<C, NT, kBf16>, dim3(p.tiles), kWarps * 32, decode_smem_bytes(C, p), stream, p);
 }
 
 template <int C, bool kBf16>
@@ -441,13 +436,8 @@ __global__ void __launch_bounds__(kMaxWarps1x16 * 32) decode_1x16_kernel(const D
 
 template <int NT, bool kBf16, int kGather>
 cudaError_t launch_1x16(const DecodeParams& p, int grid, int carveout, cudaStream_t stream) {
-  const int smem = decode_1x16_smem_bytes(p);
-  auto kernel = decode_1x16_kernel<NT, kBf16, kGather>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carveout);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, p.rows_per_cta / 16 * 32, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(decode_1x16_kernel<NT, kBf16, kGather>, dim3(grid), p.rows_per_cta / 16 * 32,
+                       decode_1x16_smem_bytes(p), stream, p, carveout);
 }
 
 template <bool kBf16, int kGather>

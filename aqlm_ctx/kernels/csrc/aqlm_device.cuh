@@ -3,6 +3,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -68,6 +69,20 @@ __device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int p
     y[static_cast<int64_t>(n) * p.out_features + row] = convert<scalar_t>(sum * convert<float>(scales[row]) + shift);
   }
   if (threadIdx.x == 0) p.counters[tile] = 0;
+}
+
+// Host side: launches `kernel` on `stream` with `smem` bytes of dynamic shared memory (opted in, as above 48 KiB it
+// must be) and, when `carveout` >= 0, that shared-memory share of L1 in percent. Returns the CUDA error.
+template <typename Params>
+inline cudaError_t launch_kernel(void (*kernel)(Params), dim3 grid, int threads, int smem, cudaStream_t stream,
+                                 const Params& p, int carveout = -1) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess && carveout >= 0) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carveout);
+  }
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace aqlm_ctx

@@ -310,13 +310,8 @@ __global__ void __launch_bounds__(kPrefillThreads, N == 256 ? 1 : 2) prefill_ker
 
 template <int C, int N, bool kBf16>
 cudaError_t launch(const PrefillParams& p, cudaStream_t stream) {
-  const int smem = prefill_smem_bytes(C, N);
-  auto kernel = prefill_kernel<C, N, kBf16>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
   const dim3 grid((p.out_features + kPrefillRows - 1) / kPrefillRows, (p.tokens + N - 1) / N, p.splits);
-  kernel<<<grid, kPrefillThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(prefill_kernel<C, N, kBf16>, grid, kPrefillThreads, prefill_smem_bytes(C, N), stream, p);
 }
 
 template <int C, bool kBf16>
