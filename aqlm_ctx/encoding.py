@@ -367,11 +367,14 @@ def _refit_joint(
         gram.diagonal().add_(ridge)
         solution = _spd_solve(gram, rhs + ridge * current.view(total, d))
         return solution.to(codebooks.dtype).view(num_codebooks, size, d)
-    in_groups = metric.shape[0]
-    gram_i = torch.zeros(in_groups * total * total, dtype=torch.float64, device=device)
+    # Sum the weights of each (input group, entry pair) that occurs (few of all possible ones), then add each
+    # sum times its group's metric to the [total * total, d * d] system.
     in_idx = _group_index(flat.shape[0], metric, device)
-    gram_i.index_add_(0, (in_idx[:, None] * (total * total) + pairs).reshape(-1), pair_weights)
-    system = gram_i.view(in_groups, total * total).T @ metric.double().reshape(in_groups, d * d)
+    keys, where = torch.unique((in_idx[:, None] * (total * total) + pairs).reshape(-1), return_inverse=True)
+    key_weights = torch.zeros(keys.shape[0], dtype=torch.float64, device=device).index_add_(0, where, pair_weights)
+    terms = key_weights[:, None] * metric.double().reshape(metric.shape[0], d * d)[keys // (total * total)]
+    system = torch.zeros(total * total, d * d, dtype=torch.float64, device=device)
+    system.index_add_(0, keys % (total * total), terms)
     system = system.view(total, total, d, d).permute(0, 2, 1, 3).reshape(total * d, total * d)
     ridge = _RIDGE * float(system.diagonal().mean()) + 1e-30
     system.diagonal().add_(ridge)
