@@ -462,8 +462,11 @@ def _beam_search(
             else:
                 scores = (projected @ codebooks[c].T).view(-1, in_groups, projected.shape[1], size)
                 scores = scores.mul_(-2.0).add_(norms[c].unsqueeze(1)).view(projected.shape[0], -1, size) + base
-            width = min(beam_size, scores.shape[1] * size)
-            best = scores.reshape(scores.shape[0], -1).topk(width, dim=1, largest=False).indices
+            flat = scores.reshape(scores.shape[0], -1)
+            if c == num_codebooks - 1:  # only the best tuple is kept in the end: an argmin, not a top-k
+                best = flat.argmin(dim=1, keepdim=True)
+            else:
+                best = flat.topk(min(beam_size, flat.shape[1]), dim=1, largest=False).indices
             source, entry = best // size, best % size
             beams = torch.gather(beams, 1, source.unsqueeze(-1).expand(-1, -1, num_codebooks)).clone()
             beams[..., c] = entry
@@ -674,6 +677,7 @@ def encode_linear(
     rounds: int = 3,
     beam_size: int = 4,
     kmeans_iters: int = 8,
+    sweeps: int = 2,
 ) -> EncodedLinear:
     """Encode a dense ``[out_features, in_features]`` weight in the AQLM format of ``config``.
 
@@ -681,16 +685,17 @@ def encode_linear(
         weight: 2-D floating weight (``nn.Linear.weight`` layout). Not modified.
         config: anything :func:`aqlm_ctx.config.as_config` accepts; its format fields and ``dtype`` are used.
         input_stats: optional ``[in_features, in_features]`` second moment ``XᵀX`` of the layer's inputs; the
-            objective becomes the output error ``||(W - Ŵ)X||²``. With codebooks of up to 4096 entries and
-            ``out_group_size`` 1, each round's code search is then a sweep over the input groups against the
-            full ``XᵀX`` (GPTQ-style error feedback: later groups make up for earlier ones); otherwise the search
-            uses each group's diagonal block and a last codebook/scale refit the full ``XᵀX``.
+            objective becomes the output error ``||(W - Ŵ)X||²``: the search uses each input group's diagonal
+            block of ``XᵀX``, then codebooks and scales are refit against all of it, and ``sweeps`` passes
+            update the codes group by group against all of it too.
         generator: source of randomness (k-means seeding); ``None`` uses a fresh generator seeded with 0, so
             the result is deterministic either way.
-        rounds: alternations of code search (or sweep), codebook least squares and scale refit after
-            initialisation.
+        rounds: alternations of code search, codebook least squares and scale refit after initialisation.
         beam_size: beams kept per group by the search over additive codebooks (ignored for one codebook).
         kmeans_iters: Lloyd iterations of each residual k-means at initialisation.
+        sweeps: with ``input_stats``, passes over the input groups that update each group's codes against the full
+            ``XᵀX`` (GPTQ-style error feedback: later groups make up for the errors of earlier ones), each followed
+            by the full refit; for codebooks of up to 4096 entries and ``out_group_size`` 1 (else none).
 
     Returns:
         An :class:`EncodedLinear`: codes int8 (nbits <= 8) or int16, codebooks and scales in ``config.dtype``
@@ -699,7 +704,8 @@ def encode_linear(
     Raises:
         TypeError: ``weight``/``input_stats`` is not a floating tensor, or ``generator`` is not a Generator.
         ValueError: ``weight`` is not 2-D, its shape does not divide by the group sizes, ``input_stats`` is not
-            ``[in_features, in_features]`` or not finite, ``rounds``/``beam_size``/``kmeans_iters`` out of range.
+            ``[in_features, in_features]`` or not finite, ``rounds``/``beam_size``/``kmeans_iters``/``sweeps``
+            out of range.
 
     Example:
         >>> enc = encode_linear(torch.randn(64, 64), {"num_codebooks": 2, "nbits_per_codebook": 8})
@@ -719,7 +725,12 @@ def encode_linear(
     _check_shape(out_features, in_features, cfg)
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"weight of shape {list(weight.shape)} has NaN or infinite values")
-    for name, value, low in (("rounds", rounds, 0), ("beam_size", beam_size, 1), ("kmeans_iters", kmeans_iters, 0)):
+    for name, value, low in (
+        ("rounds", rounds, 0),
+        ("beam_size", beam_size, 1),
+        ("kmeans_iters", kmeans_iters, 0),
+        ("sweeps", sweeps, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if generator is None:
@@ -756,14 +767,11 @@ def encode_linear(
         values = (groups / scl[:, None, None]).reshape(-1, d)
         return values, scl.pow(2).repeat_interleave(in_groups)
 
-    # With input statistics and a codebook small enough to search exhaustively, codes are found by sweeps against
-    # the full XᵀX (_sweep_codes); k-means then only gives a starting point, and a Euclidean one does as well.
-    sweeping = stats is not None and og == 1 and size <= _EXHAUSTIVE_LIMIT
     values, weights = normalised(scales)
     residual = values
     books, code_list = [], []
     for _ in range(num_codebooks):
-        book, code = _kmeans(residual, weights, None if sweeping else metric, size, kmeans_iters, generator)
+        book, code = _kmeans(residual, weights, metric, size, kmeans_iters, generator)
         books.append(book)
         code_list.append(code)
         residual = residual - book[code]
@@ -771,21 +779,18 @@ def encode_linear(
     codes = torch.stack(code_list, dim=1)
 
     exact = out_groups * in_groups <= size  # every group is an entry of the first codebook: nothing to improve
-    if stats is not None and sweeping and not exact:
+    for _ in range(0 if exact else rounds):
+        codes = _search_codes(values, codes, codebooks, metric, beam_size)
+        codebooks = _refit_codebooks(values, codes, weights, metric, codebooks)
+        recon = _reconstruct(codes, codebooks).view(out_groups, in_groups, d)
+        scales = _refit_scales(groups, recon, metric, scales)
+        values, weights = normalised(scales)
+    if stats is not None and not exact:
         hess = _damped(stats)
         codebooks, scales = _full_refit(groups, codes, codebooks, scales, hess, og, ig)
-        for _ in range(rounds):
+        for _ in range(sweeps if og == 1 and size <= _EXHAUSTIVE_LIMIT else 0):
             codes = _sweep_codes(groups, codes, codebooks, scales, hess, beam_size)
             codebooks, scales = _full_refit(groups, codes, codebooks, scales, hess, og, ig)
-    elif not exact:
-        for _ in range(rounds):
-            codes = _search_codes(values, codes, codebooks, metric, beam_size)
-            codebooks = _refit_codebooks(values, codes, weights, metric, codebooks)
-            recon = _reconstruct(codes, codebooks).view(out_groups, in_groups, d)
-            scales = _refit_scales(groups, recon, metric, scales)
-            values, weights = normalised(scales)
-        if stats is not None:
-            codebooks, scales = _full_refit(groups, codes, codebooks, scales, _damped(stats), og, ig)
 
     stored = codes.view(out_groups, in_groups, num_codebooks)
     stored = torch.where(stored >= 2 ** (cfg.nbits_per_codebook - 1), stored - size, stored).to(cfg.code_dtype)

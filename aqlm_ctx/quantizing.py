@@ -76,7 +76,7 @@ def quantize_weights_(
             keyword arguments each) to collect each layer's input second moments.
         generator: makes encoding reproducible (default: seeded with 0).
         progress: show a progress bar on stderr.
-        encode_options: ``rounds``, ``beam_size``, ``kmeans_iters`` for :func:`encode_linear`.
+        encode_options: ``rounds``, ``beam_size``, ``kmeans_iters``, ``sweeps`` for :func:`encode_linear`.
 
     Returns:
         ``model``.

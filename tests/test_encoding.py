@@ -162,14 +162,14 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, inputs: torch.Tenso
     return rel(approx @ inputs.T, weight @ inputs.T)
 
 
-def test_sweeps_against_the_full_input_stats_lower_the_output_error_round_by_round() -> None:
+def test_sweeps_against_the_full_input_stats_lower_the_output_error() -> None:
     weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
     inputs, held_out = correlated_inputs(128, 2048, seed=2), correlated_inputs(128, 2048, seed=3)
     stats = inputs.T @ inputs
     for name in ("2x8 g4", "1x8 g8"):
         errors = [
-            output_error(weight, encode_linear(weight, CONFIGS[name], input_stats=stats, rounds=r).dequantize(), x)
-            for r in (0, 1, 3)
+            output_error(weight, encode_linear(weight, CONFIGS[name], input_stats=stats, sweeps=s).dequantize(), x)
+            for s in (0, 1, 3)
             for x in (inputs, held_out)
         ]
         assert errors[2] < 0.97 * errors[0] and errors[4] < errors[2], (name, errors)  # calibration inputs
@@ -224,6 +224,7 @@ def test_bits_per_weight() -> None:
         (torch.randn(16, 16), {"input_stats": torch.eye(16, dtype=torch.int64)}, TypeError, "input_stats"),
         (torch.randn(16, 16), {"rounds": -1}, ValueError, "rounds"),
         (torch.randn(16, 16), {"beam_size": 0}, ValueError, "beam_size"),
+        (torch.randn(16, 16), {"sweeps": -1}, ValueError, "sweeps"),
         (torch.randn(16, 16), {"generator": 3}, TypeError, "generator"),
         (torch.randn(16, 16), {"config": 3}, TypeError, "AqlmConfig"),
     ],
