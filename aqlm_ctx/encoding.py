@@ -33,8 +33,10 @@ _CACHE_CHUNK_ELEMENTS = 1 << 20
 """The chunk of the exhaustive searches (k-means assignment, beam search) when torch runs one thread: 4 MiB
 score blocks stay in cache and make these memory-bound searches ~2x faster. With several threads the larger
 chunk is kept: fewer, longer parallel regions (much faster when other processes share the cores)."""
-_DAMP = 1e-2
-"""``input_stats`` gets ``_DAMP * mean(diag)`` added to its diagonal (as GPTQ/AQLM damp ``XᵀX``)."""
+_DAMP = 1e-1
+"""``input_stats`` gets ``_DAMP * mean(diag)`` added to its diagonal (as GPTQ/AQLM damp ``XᵀX``). 10% rather than
+GPTQ's 1%: with a few thousand calibration tokens the sweeps otherwise fit the sample's ``XᵀX`` too closely (MiniLM
+layers, held-out output error 10-20% lower than with 1%; the MiniLM demo's cosine 0.9825 -> 0.9830)."""
 _RIDGE = 1e-6
 """Relative ridge that keeps unused codebook entries where they are during least squares refits."""
 _EXHAUSTIVE_LIMIT = 4096
