@@ -174,6 +174,8 @@ def test_sweeps_against_the_full_input_stats_lower_the_output_error() -> None:
         ]
         assert errors[2] < 0.97 * errors[0] and errors[4] < errors[2], (name, errors)  # calibration inputs
         assert errors[3] < 0.97 * errors[1] and errors[5] < errors[3], (name, errors)  # held-out inputs
+    first, again = (encode_linear(weight, CONFIGS["2x8 g4"], input_stats=stats, rounds=1) for _ in range(2))
+    assert torch.equal(first.codes, again.codes) and torch.equal(first.codebooks, again.codebooks)  # deterministic
 
 
 def test_a_sweep_never_raises_the_output_error() -> None:

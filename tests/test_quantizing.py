@@ -81,3 +81,26 @@ def test_refuses_meta_and_indivisible_layers_without_changing_the_model() -> Non
     assert [type(m) for m in model] == [nn.Linear, nn.Linear]
     with pytest.raises(TypeError, match="torch.nn.Module"):
         quantize_weights_("model", CONFIG)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_encodes_on_the_gpu_with_calibration_as_well_as_on_the_cpu() -> None:
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(64, 64, generator=generator) / 8 + torch.eye(64)
+    inputs = torch.randn(512, 64, generator=generator) @ mixing
+    errors = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(1)
+        layer = nn.Sequential(nn.Linear(64, 256)).to(device)
+        x = inputs.to(device)
+        with torch.no_grad():
+            reference = layer(x)
+        quantize_weights_(
+            layer, AqlmConfig(num_codebooks=2, nbits_per_codebook=8, in_group_size=4), calibration=[x], progress=False
+        )
+        quantized = layer[0]
+        assert type(quantized) is QuantizedLinear
+        assert {t.device.type for t in (quantized.codes, quantized.codebooks, quantized.scales)} == {device}
+        with torch.no_grad():
+            errors[device] = ((layer(x) - reference).norm() / reference.norm()).item()
+    assert errors["cuda"] < 1.1 * errors["cpu"], errors
