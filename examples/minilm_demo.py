@@ -42,6 +42,7 @@ SKIP = ["pooler"]  # sentence embeddings are mean-pooled: the pooler never runs
 ENCODE_OPTIONS: dict[str, Any] = {
     "rounds": 2,
     "beam_size": 4,
+    "kmeans_iters": 4,
     "sweeps": 2,
 }  # encode_linear options (sweeps: with inputs)
 CALIBRATED = {"2x8-g4"}  # encoded against the layers' inputs on synthetic sequences; the others from the weights
