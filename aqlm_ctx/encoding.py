@@ -543,25 +543,26 @@ def _refit_scales(
     return torch.where(keep, scales, fresh)
 
 
-def _group_metric(input_stats: torch.Tensor, in_groups: int, ig: int, og: int) -> torch.Tensor:
-    """The damped block-diagonal part of ``XᵀX`` as one ``[d, d]`` metric per input group (``I_og ⊗ H_ii``)."""
-    stats = input_stats.double()
-    stats = (stats + stats.T) / 2
-    damp = _DAMP * float(stats.diagonal().mean().clamp_min(1e-30))
-    idx = torch.arange(in_groups, device=stats.device)
-    blocks = stats.view(in_groups, ig, in_groups, ig)[idx, :, idx, :]  # [I, ig, ig]
-    blocks = blocks + damp * torch.eye(ig, dtype=stats.dtype, device=stats.device)
-    eye = torch.eye(og, dtype=stats.dtype, device=stats.device)
+def _damped(stats: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``XᵀX`` made symmetric plus ``damp`` on its diagonal (float64), and ``damp = _DAMP * mean(diag)``."""
+    hess = (stats.double() + stats.double().T) / 2
+    damp = _DAMP * float(hess.diagonal().mean().clamp_min(1e-30))
+    return hess + damp * torch.eye(hess.shape[0], dtype=hess.dtype, device=hess.device), damp
+
+
+def _diagonal_blocks(matrix: torch.Tensor, count: int, size: int) -> torch.Tensor:
+    """The ``count`` diagonal ``[size, size]`` blocks of a square matrix: ``[count, size, size]``."""
+    index = torch.arange(count, device=matrix.device)
+    return matrix.view(count, size, count, size)[index, :, index, :]
+
+
+def _group_metric(hess: torch.Tensor, damp: float, in_groups: int, ig: int, og: int) -> torch.Tensor:
+    """The diagonal blocks of the damped ``XᵀX`` (:func:`_damped`) as one ``[d, d]`` metric per input group
+    (``I_og ⊗ H_ii``)."""
+    blocks = _diagonal_blocks(hess, in_groups, ig)  # [I, ig, ig]
+    eye = torch.eye(og, dtype=hess.dtype, device=hess.device)
     metric = torch.einsum("ab,ice->iaebc", eye, blocks).reshape(in_groups, og * ig, og * ig)
     return (metric / damp).float()  # any positive factor leaves every argmin and solution unchanged
-
-
-def _damped(stats: torch.Tensor) -> torch.Tensor:
-    """``XᵀX`` made symmetric, plus ``_DAMP * mean(diag)`` on the diagonal (float64)."""
-    hess = (stats.double() + stats.double().T) / 2
-    return hess + _DAMP * float(hess.diagonal().mean().clamp_min(1e-30)) * torch.eye(
-        hess.shape[0], dtype=hess.dtype, device=hess.device
-    )
 
 
 def _sweep_codes(
@@ -588,8 +589,7 @@ def _sweep_codes(
     )
     approx = approx.view(out_features, in_groups * d)
     grad = (groups.reshape(out_features, -1).double() - approx) @ hess
-    index = torch.arange(in_groups, device=hess.device)
-    blocks = hess.view(in_groups, d, in_groups, d)[index, :, index, :]  # [in_groups, d, d]
+    blocks = _diagonal_blocks(hess, in_groups, d)
     inverses = torch.linalg.inv(blocks)
     step = max(1, _SWEEP_COLUMNS // d)
     for first in range(0, in_groups, step):  # GPTQ's lazy batches: the rest of G is updated once per batch
@@ -742,7 +742,8 @@ def encode_linear(
     og, ig, num_codebooks, size = cfg.out_group_size, cfg.in_group_size, cfg.num_codebooks, cfg.codebook_size
     out_groups, in_groups, d = out_features // og, in_features // ig, og * ig
     device = weight.device
-    stats: torch.Tensor | None = None
+    hess: torch.Tensor | None = None  # the damped XᵀX (float64)
+    damp = 0.0
     if input_stats is not None:
         if not isinstance(input_stats, torch.Tensor) or not input_stats.dtype.is_floating_point:
             raise TypeError(
@@ -756,14 +757,14 @@ def encode_linear(
             )
         if not bool(torch.isfinite(input_stats).all()):
             raise ValueError("input_stats has NaN or infinite values")
-        stats = input_stats.detach().to(device=device, dtype=torch.float64)
+        hess, damp = _damped(input_stats.detach().to(device=device, dtype=torch.float64))
     out_dtype = cfg.dtype or weight.dtype
 
     w32 = weight.detach().float()
     groups = w32.view(out_groups, og, in_groups, ig).permute(0, 2, 1, 3).reshape(out_groups, in_groups, d)
     scales = groups.pow(2).mean((1, 2)).sqrt()
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    metric = None if stats is None else _group_metric(stats, in_groups, ig, og).to(device)
+    metric = None if hess is None else _group_metric(hess, damp, in_groups, ig, og)
 
     def normalised(scl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values = (groups / scl[:, None, None]).reshape(-1, d)
@@ -787,8 +788,7 @@ def encode_linear(
         recon = _reconstruct(codes, codebooks).view(out_groups, in_groups, d)
         scales = _refit_scales(groups, recon, metric, scales)
         values, weights = normalised(scales)
-    if stats is not None and not exact:
-        hess = _damped(stats)
+    if hess is not None and not exact:
         codebooks, scales = _full_refit(groups, codes, codebooks, scales, hess, og, ig)
         for _ in range(sweeps if og == 1 and size <= _EXHAUSTIVE_LIMIT else 0):
             codes = _sweep_codes(groups, codes, codebooks, scales, hess, beam_size)

@@ -187,7 +187,7 @@ def test_a_sweep_never_raises_the_output_error() -> None:
     codes = torch.randint(0, 16, (32 * 16, 2), generator=generator)
     scales = torch.rand(32, generator=generator) + 0.5
     inputs = correlated_inputs(64, 512, seed=5)
-    hess = _damped((inputs.T @ inputs).double())
+    hess, _ = _damped((inputs.T @ inputs).double())
 
     def error(chosen: torch.Tensor) -> float:
         approx = _reconstruct(chosen, codebooks).view(32, 16, 4) * scales[:, None, None]
