@@ -558,9 +558,13 @@ def test_cuda_prefill_plan() -> None:
     for tokens in (33, 64, 65, 129, 512, 4096):
         for out_f, groups in ((4096, 512), (8192, 3584), (28672, 1024), (300, 80)):
             tile, splits, per_split = plan_prefill(tokens, out_f, groups, 132)
-            assert tile in PREFILL_TILES and (tile >= tokens or tile == PREFILL_TILES[-1])
+            assert tile in PREFILL_TILES and (tile == PREFILL_TILES[0] or tile < 2 * tokens)
             assert splits == -(-groups // 8 // per_split) and (splits - 1) * per_split < groups // 8
     assert plan_prefill(513, 300, 80, 132, token_tile=64, splits=3) == (64, 3, 4)
+    # Measured best on an H200: no split once the row x token tiles fill the SMs, 64-token tiles split for few tokens.
+    assert plan_prefill(512, 8192, 3584, 132) == (256, 1, 448)
+    assert plan_prefill(512, 4096, 512, 132) == (128, 1, 64)
+    assert plan_prefill(128, 4096, 512, 132) == (64, 2, 32)
 
 
 @requires_hopper

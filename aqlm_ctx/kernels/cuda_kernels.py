@@ -83,12 +83,20 @@ CTAS_PER_SM = 2  # split-K aims at this many CTAs per SM (best of the split coun
 MAX_COUNTERS = 1 << 16
 PREFILL_ROWS = 128  # kPrefillRows in csrc/aqlm_prefill.h
 PREFILL_TILES = (64, 128, 256)  # token tiles of the prefill kernel
+PREFILL_MAX_SPLITS = 8
+# The planner's cost model (_prefill_cost_us), fitted to the tile/split sweep on an H200: µs per 64-feature stage of
+# a CTA alone on its SM, per token tile; of each of two 64-token CTAs sharing one; the split-K partials' write + read
+# bandwidth (bytes per µs); and a cost per split and token of the tile (the last CTA's reduction).
+PREFILL_STAGE_US = {64: 0.62, 128: 0.73, 256: 0.93}
+PREFILL_SHARED_US = 1.04
+PREFILL_PARTIAL_BYTES_PER_US = 1.7e6
+PREFILL_SPLIT_US = 0.04
 # num_codebooks -> inclusive token range of the prefill kernel; above PREFILL_SMALL_TOKENS it is used only for layers
-# of at least PREFILL_LARGE_WEIGHTS weights. Measured on an H200 (BENCHMARKS.md, "GPU kernels"): it beats stock and
-# dequantize-then-cuBLAS at 64 tokens (except 4096x4096) and, on 8192x28672 / 28672x8192, at 128; at 512 tokens
-# dequantize-then-cuBLAS is faster everywhere.
-PREFILL_TOKEN_RANGES: dict[int, tuple[int, int]] = {2: (33, 128), 1: (33, 128)}
-PREFILL_SMALL_TOKENS = 64
+# of at least PREFILL_LARGE_WEIGHTS weights. Measured on an H200 and an H100 (BENCHMARKS.md, "Prefill"): up to 128
+# tokens it beats dequantize-then-cuBLAS (4096x4096 at 128 within a few %), and up to 512 (2048: not) on 8192x28672
+# and 28672x8192; at 512 tokens dequantize-then-cuBLAS is faster on the smaller layers.
+PREFILL_TOKEN_RANGES: dict[int, tuple[int, int]] = {2: (33, 1024), 1: (33, 1024)}
+PREFILL_SMALL_TOKENS = 128
 PREFILL_LARGE_WEIGHTS = 1 << 26
 # (num_codebooks, codebook_size) -> inclusive token range where dequantizing with our kernel and calling cuBLAS
 # measured faster than stock aqlm (and, for 1x16 from 64 tokens, than our Triton kernel); for 2x8 and 1x8 the
@@ -302,7 +310,7 @@ def prefill_preferred(num_codebooks: int, tokens: int, out_features: int, in_fea
     """Whether the prefill kernel is the route for this many tokens and this layer size (else dequantize-then-cuBLAS).
 
     Example:
-        >>> prefill_preferred(2, 100, 8192, 28672), prefill_preferred(2, 100, 4096, 4096)
+        >>> prefill_preferred(2, 512, 8192, 28672), prefill_preferred(2, 512, 4096, 4096)
         (True, False)
     """
     low, high = PREFILL_TOKEN_RANGES[num_codebooks]
@@ -585,24 +593,46 @@ class PrefillPlan(NamedTuple):
     stages_per_split: int
 
 
+def _prefill_cost_us(tokens: int, out_features: int, stages: int, sm_count: int, tile: int, splits: int) -> float:
+    """Estimated µs of a prefill launch: waves of CTAs x stages per CTA x a stage's time, plus the split-K traffic.
+
+    The stage times (one CTA per SM; two 64-token CTAs share an SM), the partials' bandwidth and the per-split cost are
+    fitted to the prefill kernel's tile/split sweep on an H200 (BENCHMARKS.md, "Prefill").
+    """
+    ctas = -(-out_features // PREFILL_ROWS) * -(-tokens // tile) * splits
+    stages_per_split = -(-stages // splits)
+    if tile == 64:
+        waves, stage_us = -(-ctas // (2 * sm_count)), PREFILL_STAGE_US[64] if ctas <= sm_count else PREFILL_SHARED_US
+    else:
+        waves, stage_us = -(-ctas // sm_count), PREFILL_STAGE_US[tile]
+    cost = waves * stages_per_split * stage_us
+    if splits > 1:
+        cost += splits * tokens * out_features * 8 / PREFILL_PARTIAL_BYTES_PER_US + PREFILL_SPLIT_US * tile * splits
+    return cost
+
+
 def plan_prefill(
     tokens: int, out_features: int, groups: int, sm_count: int, token_tile: int = 0, splits: int = 0
 ) -> PrefillPlan:
-    """Token tile (the smallest of :data:`PREFILL_TILES` holding all tokens, at most 256) and split-K count (about
-    one CTA per SM when the row x token tiles are fewer) unless given.
+    """Token tile and split-K count of least estimated time (:func:`_prefill_cost_us`) unless given: the tiles of
+    :data:`PREFILL_TILES` below twice the token count (64 always), 1 to :data:`PREFILL_MAX_SPLITS` splits.
 
     Example:
         >>> plan_prefill(512, 4096, 512, 132)
-        PrefillPlan(token_tile=256, splits=2, stages_per_split=32)
+        PrefillPlan(token_tile=128, splits=1, stages_per_split=64)
     """
-    if token_tile <= 0:
-        token_tile = next((t for t in PREFILL_TILES if tokens <= t), PREFILL_TILES[-1])
-    tiles = -(-out_features // PREFILL_ROWS) * -(-tokens // token_tile)
     stages = groups // 8
-    if splits <= 0:
-        splits = max(1, round(sm_count / tiles))
-    stages_per_split = -(-stages // max(1, min(splits, stages)))
-    return PrefillPlan(token_tile, -(-stages // stages_per_split), stages_per_split)
+    tiles = [token_tile] if token_tile > 0 else [t for t in PREFILL_TILES if t == PREFILL_TILES[0] or t < 2 * tokens]
+    split_counts = [splits] if splits > 0 else range(1, PREFILL_MAX_SPLITS + 1)
+    candidates = []
+    for tile in tiles:
+        for count in split_counts:
+            per_split = -(-stages // max(1, min(count, stages)))
+            actual = -(-stages // per_split)
+            cost = _prefill_cost_us(tokens, out_features, stages, sm_count, tile, actual)
+            candidates.append((cost, tile, actual, per_split))
+    _, tile, actual, per_split = min(candidates)
+    return PrefillPlan(tile, actual, per_split)
 
 
 def _flat_input(input: torch.Tensor, in_features: int) -> torch.Tensor:

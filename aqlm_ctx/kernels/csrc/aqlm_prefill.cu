@@ -1,16 +1,19 @@
 // Prefill kernels for AQLM layers (many tokens) and a dequantizer.
 //
 // prefill_kernel (Hopper, sm_90a): y = (x @ W.T) * scales + bias for 2x8 and 1x8 layers (in_group_size 8,
-// out_group_size 1) in one launch. A CTA owns 128 output rows and a tile of 64/128/256 tokens; its two warpgroups
-// each compute a 64-row x N-token block with wgmma, the weight as the register operand A and x as the shared-memory
-// operand B (the "swapped" product y.T = W x.T), fp32 accumulation:
-// * the codebooks are staged once into shared memory, 8 copies of each 16-byte entry; the thread in row r / quad q of
-//   the A fragment reads 4-byte word q of copy r, so a warp's 32 codebook reads hit 32 different banks whatever the
-//   codes are, and the decoded words land directly in the wgmma A-fragment layout (no permutation of x needed);
-// * x tiles (64 input features = one 128-byte row per token and stage, in the 128-byte-swizzled K-major layout of
-//   wgmma) and the matching code tiles stream into a 4-stage shared-memory ring with cp.async, three stages ahead;
-// * each warpgroup decodes a stage, multiplies it and waits (ptxas serializes register-A wgmma whose registers are
-//   written while one is in flight), so decoding overlaps the tensor cores only across warpgroups and CTAs;
+// out_group_size 1) in one launch. A CTA owns 128 output rows and a tile of 64/128/256 tokens and is warp-specialized:
+// * a producer warpgroup streams x tiles (64 input features = one 128-byte row per token and stage, in the
+//   128-byte-swizzled K-major layout of wgmma) and the matching code tiles into a 4-stage shared-memory ring with
+//   cp.async; each thread publishes a stage on the stage's "full" mbarrier once its copies landed and it fenced them
+//   for the tensor cores' (async) proxy, and refills a slot after its "empty" mbarrier says every consumer warp is
+//   done with it (no CTA-wide barrier in the main loop);
+// * two consumer warpgroups each compute a 64-row x N-token block with wgmma, the weight as the register operand A
+//   and x as the shared-memory operand B (the "swapped" product y.T = W x.T), fp32 accumulation. The codebooks are
+//   staged once into shared memory, 8 copies of each 16-byte entry; the thread in row r / quad q of the A fragment
+//   reads 4-byte word q of copy r, so a warp's 32 codebook reads hit 32 different banks whatever the codes are, and
+//   the decoded words land directly in the wgmma A-fragment layout. Each k16 step is decoded into its own registers
+//   while the previous steps' wgmmas run (wgmma.wait_group 3, not 0: ptxas keeps them asynchronous);
+// * setmaxnreg moves registers from the producer (40 per thread) to the consumers (232 with one CTA per SM);
 // * scales and bias in the epilogue; split-K (when row x token tiles do not fill the GPU) writes fp32 partials and
 //   the last CTA of a tile (a self-resetting ticket counter) sums them in split order, so results are deterministic.
 //
@@ -125,150 +128,194 @@ struct Wgmma {
 #undef AQLM_WGMMA
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+// mbarrier helpers (shared::cta): init with an arrival count, arrive, wait for the phase of a given parity.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }" ::"r"(smem_u32(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{ .reg .pred done; WAIT: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1; @!done bra WAIT; }" ::"r"(
+          smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// CTAs per SM the prefill kernel is compiled for, and the registers per thread of its producer and consumer
+// warpgroups after setmaxnreg: 128 * producer + 256 * consumer fits the 384 * (65536 / 384 / kCtas, rounded down to
+// 8) registers a CTA is given; these are the largest that compile without spills.
+template <int N>
+struct PrefillRegisters {
+  static constexpr int kCtas = N == 64 ? 2 : 1;
+  static constexpr int kProducer = 40;
+  static constexpr int kConsumer = kCtas == 1 ? 232 : 96;
+};
+
 // C codebooks of 256 entries, N tokens per CTA, kBf16 selects bf16 (else fp16) activations and codebooks.
+// Warp-specialized: warpgroups 0 and 1 decode and multiply, warpgroup 2 streams x and code tiles into the ring.
 template <int C, int N, bool kBf16>
-__global__ void __launch_bounds__(kPrefillThreads, N == 256 ? 1 : 2) prefill_kernel(const PrefillParams p) {
+__global__ void __launch_bounds__(kPrefillThreads, PrefillRegisters<N>::kCtas) prefill_kernel(const PrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using scalar_t = Scalar<kBf16>;
   constexpr int kXTile = N * kPrefillStageK * 2;  // bytes of x per stage (1024-byte aligned)
   constexpr int kCodeRow = 8 * C;                 // bytes of codes per row per stage
   constexpr int kStageBytes = kXTile + kPrefillRows * kCodeRow;
+  constexpr int S = kPrefillStages;
   extern __shared__ __align__(1024) uint4 smem_raw[];
   // The swizzled tiles need 1024-byte alignment: start the codebooks (whose size is a multiple of 1024) there.
   uint4* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023) / 16;
   uint8_t* sh_stage = reinterpret_cast<uint8_t*>(smem + C * 256 * 8);
-  int& sh_last = *reinterpret_cast<int*>(sh_stage + kPrefillStages * kStageBytes);
+  int& sh_last = *reinterpret_cast<int*>(sh_stage + S * kStageBytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(sh_stage + S * kStageBytes + 16);  // stage landed in slot
+  uint64_t* empty = full + S;                                                       // slot read by every warp
 
   const int tid = threadIdx.x;
   const int lane = tid % 32;
-  const int local_row = (tid / 32) * 16 + lane / 4;  // this thread's A rows: local_row and local_row + 8
+  const int warp = tid / 32;
   const int row0 = blockIdx.x * kPrefillRows;
   const int n0 = blockIdx.y * N;
   const int s_begin = blockIdx.z * p.stages_per_split;
   const int n_stages = min(p.stages_per_split, p.groups / 8 - s_begin);
-  const scalar_t* x = static_cast<const scalar_t*>(p.x);
-
-  // Stage s (input features 64 s ...) into ring slot buf: x (token n, 8-feature block kb) at n * 128 + (kb ^ n % 8) * 16,
-  // a warp reading 4 tokens' whole 128-byte rows; then the 128 rows' codes. Tokens and rows past the end read zeros.
-  auto issue_stage = [&](int s, int buf) {
-    const uint32_t base = smem_u32(sh_stage + buf * kStageBytes);
-    const int k0 = s * kPrefillStageK;
-#pragma unroll
-    for (int i = 0; i < N * 8 / kPrefillThreads; ++i) {
-      const int c = tid + i * kPrefillThreads;
-      const int n = c / 8;
-      const int kb = c % 8;
-      const bool ok = n0 + n < p.tokens;
-      const scalar_t* src = ok ? x + static_cast<int64_t>(n0 + n) * p.x_stride + k0 + kb * 8 : x;
-      cp_async16(base + n * 128 + ((kb ^ (n % 8)) * 16), src, ok ? 16 : 0);
+  if (tid == 0) {
+    for (int i = 0; i < S; ++i) {
+      mbar_init(full + i, kPrefillProducerThreads);
+      mbar_init(empty + i, kPrefillConsumerWarps);
     }
-    if (tid < kPrefillRows) {
-      const bool ok = row0 + tid < p.out_features;
-      const uint8_t* src = ok ? p.codes + (static_cast<int64_t>(row0 + tid) * p.groups + s * 8) * C : p.codes;
-      const uint32_t dst = base + kXTile + tid * kCodeRow;
-      if constexpr (C == 2) {
-        cp_async16(dst, src, ok ? 16 : 0);
-      } else {
-        cp_async8(dst, src, ok ? 8 : 0);
-      }
-    }
-  };
-
-#pragma unroll
-  for (int i = 0; i < kPrefillStages - 1; ++i) {
-    if (i < n_stages) issue_stage(s_begin + i, i);
-    cp_async_commit();
   }
-  const uint4* codebooks = static_cast<const uint4*>(p.codebooks);
-  for (int i = tid; i < C * 256; i += kPrefillThreads) {
-    const uint4 v = codebooks[i];
-#pragma unroll
-    for (int r = 0; r < 8; ++r) smem[8 * i + ((r + i) & 7)] = v;  // rotated: no bank conflicts while staging
-  }
-  cp_async_wait<kPrefillStages - 2>();
-  fence_proxy_async();
   __syncthreads();
 
-  // Word `lane % 4` of copy `lane / 4` of codebook entry e is cb_words[32 * e].
-  const uint32_t* cb_words = reinterpret_cast<const uint32_t*>(smem) + lane;
-
-  // A fragments of a stage: k16 step t covers groups 2t (k-slots 2q, 2q+1) and 2t + 1 (k-slots 2q + 8, 2q + 9) of
-  // rows local_row (+0) and local_row + 8 (+1): registers 4t + {row r g 2t, row r+8 g 2t, row r g 2t+1, r+8 g 2t+1}.
-  auto decode = [&](uint32_t(&a)[16], int buf) {
-    const uint8_t* codes = sh_stage + buf * kStageBytes + kXTile;
-    uint32_t w[2][2 * C];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if constexpr (C == 2) {
-        const uint4 v = *reinterpret_cast<const uint4*>(codes + (local_row + 8 * h) * 16);
-        w[h][0] = v.x;
-        w[h][1] = v.y;
-        w[h][2] = v.z;
-        w[h][3] = v.w;
-      } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(codes + (local_row + 8 * h) * 8);
-        w[h][0] = v.x;
-        w[h][1] = v.y;
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < 8; ++g) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t e;
-        if constexpr (C == 2) {
-          const uint32_t code0 = (w[h][g / 2] >> (16 * (g % 2))) & 0xffu;
-          const uint32_t code1 = (w[h][g / 2] >> (16 * (g % 2) + 8)) & 0xffu;
-          e = add2<kBf16>(cb_words[32 * code0], cb_words[32 * (256 + code1)]);
-        } else {
-          e = cb_words[32 * ((w[h][g / 4] >> (8 * (g % 4))) & 0xffu)];
+  const int local_row = (warp % kPrefillConsumerWarps) * 16 + lane / 4;  // consumer A rows local_row, local_row + 8
+  if (warp >= kPrefillConsumerWarps) {
+    // Producer: stage s (input features 64 s ...) into ring slot it % S, x (token n, 8-feature block kb) at
+    // n * 128 + (kb ^ n % 8) * 16 (thread: block ptid % 8 of tokens ptid / 8 + 16 i), then row ptid's codes; tokens
+    // and rows past the end read zeros. A stage is published (full) once it has landed and each thread fenced it for
+    // the tensor cores' (async) proxy: stage it - 1 right after stage it is issued.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PrefillRegisters<N>::kProducer));
+    const scalar_t* x = static_cast<const scalar_t*>(p.x);
+    const int ptid = tid - kPrefillConsumerWarps * 32;
+    const int kb = ptid % 8;
+    const int swizzled = (kb ^ (ptid / 8 % 8)) * 16;
+    for (int it = 0; it <= n_stages; ++it) {
+      if (it < n_stages) {
+        const int slot = it % S;
+        if (it >= S) mbar_wait(empty + slot, ((it / S) + 1) & 1);
+        const uint32_t base = smem_u32(sh_stage + slot * kStageBytes);
+        const int k0 = (s_begin + it) * kPrefillStageK;
+        const scalar_t* x_row = x + static_cast<int64_t>(n0 + ptid / 8) * p.x_stride + k0 + kb * 8;
+#pragma unroll 4
+        for (int i = 0; i < N / 16; ++i) {
+          const int n = ptid / 8 + 16 * i;
+          const bool ok = n0 + n < p.tokens;
+          cp_async16(base + n * 128 + swizzled, ok ? x_row + 16 * i * p.x_stride : x, ok ? 16 : 0);
         }
-        a[4 * (g / 2) + 2 * (g % 2) + h] = e;
+        static_assert(kPrefillRows == kPrefillProducerThreads, "one code row per producer thread");
+        const bool ok = row0 + ptid < p.out_features;
+        const uint8_t* src = ok ? p.codes + (static_cast<int64_t>(row0 + ptid) * p.groups + (s_begin + it) * 8) * C : p.codes;
+        const uint32_t dst = base + kXTile + ptid * kCodeRow;
+        if constexpr (C == 2) {
+          cp_async16(dst, src, ok ? 16 : 0);
+        } else {
+          cp_async8(dst, src, ok ? 8 : 0);
+        }
+      }
+      cp_async_commit();
+      if (it >= 1) {
+        if (it < n_stages) {
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        mbar_arrive(full + (it - 1) % S);
       }
     }
-  };
-
-  float acc[N / 2];
+    if (p.splits > 1) last_of_splits(p, blockIdx.y * gridDim.x + blockIdx.x, p.splits, sh_last);  // the barriers only
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(PrefillRegisters<N>::kConsumer));
+    const uint4* codebooks = static_cast<const uint4*>(p.codebooks);
+    for (int i = tid; i < C * 256; i += kPrefillConsumerWarps * 32) {
+      const uint4 v = codebooks[i];
 #pragma unroll
-  for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
-  // ptxas serializes every wgmma if A registers are written while a wgmma is in flight, so each warpgroup decodes,
-  // multiplies and waits in turn; the other warpgroup (or CTA) keeps the tensor cores busy meanwhile.
-  uint32_t a[16];
-  for (int it = 0; it < n_stages; ++it) {
-    const int buf = it % kPrefillStages;
-    decode(a, buf);
-    const uint32_t x_tile = smem_u32(sh_stage + buf * kStageBytes);
-    uint64_t desc[4];
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      desc[t] = make_desc(x_tile + 32 * t);
-      fence_operand(desc[t]);
+      for (int r = 0; r < 8; ++r) smem[8 * i + ((r + i) & 7)] = v;  // rotated: no bank conflicts while staging
     }
+    asm volatile("bar.sync 1, %0;" ::"n"(kPrefillConsumerWarps * 32) : "memory");  // consumers only
+
+    // Word `lane % 4` of copy `lane / 4` of codebook entry e is cb_words[32 * e].
+    const uint32_t* cb_words = reinterpret_cast<const uint32_t*>(smem) + lane;
+    float acc[N / 2];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) fence_operand(a[i]);
+    for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) fence_operand(acc[i]);
-    wgmma_fence();
+    // A fragments: k16 step t of a stage covers groups 2t (k-slots 2q, 2q+1) and 2t + 1 (k-slots 2q + 8, 2q + 9) of
+    // rows local_row (+0) and local_row + 8 (+1): a[4t + {row r g 2t, row r+8 g 2t, row r g 2t+1, r+8 g 2t+1}]. Each
+    // step is decoded while the previous steps' wgmmas run; its registers were last read by the wgmma of the same
+    // step one stage earlier, which wgmma_wait<3> (at most 3 newer ones pending) has retired.
+    uint32_t a[16];
+    for (int it = 0; it < n_stages; ++it) {
+      const int slot = it % S;
+      mbar_wait(full + slot, (it / S) & 1);
+      const uint8_t* codes = sh_stage + slot * kStageBytes + kXTile;
+      uint32_t w[2][2 * C];
 #pragma unroll
-    for (int t = 0; t < 4; ++t) Wgmma<N>::template run<kBf16>(acc, a + 4 * t, desc[t]);
-    wgmma_commit();
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (C == 2) {
+          const uint4 v = *reinterpret_cast<const uint4*>(codes + (local_row + 8 * h) * 16);
+          w[h][0] = v.x;
+          w[h][1] = v.y;
+          w[h][2] = v.z;
+          w[h][3] = v.w;
+        } else {
+          const uint2 v = *reinterpret_cast<const uint2*>(codes + (local_row + 8 * h) * 8);
+          w[h][0] = v.x;
+          w[h][1] = v.y;
+        }
+      }
+      const uint32_t x_tile = smem_u32(sh_stage + slot * kStageBytes);
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        wgmma_wait<3>();
+        if (t == 3 && it > 0 && lane == 0) mbar_arrive(empty + (it - 1) % S);  // stage it - 1 fully multiplied
+#pragma unroll
+        for (int gg = 0; gg < 2; ++gg) {
+          const int g = 2 * t + gg;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            uint32_t e;
+            if constexpr (C == 2) {
+              const uint32_t code0 = (w[h][g / 2] >> (16 * (g % 2))) & 0xffu;
+              const uint32_t code1 = (w[h][g / 2] >> (16 * (g % 2) + 8)) & 0xffu;
+              e = add2<kBf16>(cb_words[32 * code0], cb_words[32 * (256 + code1)]);
+            } else {
+              e = cb_words[32 * ((w[h][g / 4] >> (8 * (g % 4))) & 0xffu)];
+            }
+            a[4 * t + 2 * gg + h] = e;
+          }
+        }
+        uint64_t desc = make_desc(x_tile + 32 * t);
+        fence_operand(desc);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) fence_operand(a[4 * t + i]);
+        wgmma_fence();
+        Wgmma<N>::template run<kBf16>(acc, a + 4 * t, desc);
+        wgmma_commit();
+      }
+    }
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) fence_operand(acc[i]);
-    cp_async_wait<kPrefillStages - 3>();  // stage it + 1 has landed
-    fence_proxy_async();
-    __syncthreads();  // ... for every thread, and nobody reads ring slot `buf` any more
-    const int next = it + kPrefillStages - 1;
-    if (next < n_stages) issue_stage(s_begin + next, next % kPrefillStages);
-    cp_async_commit();
-  }
 
-  // Accumulator 4j + 2h + e: row local_row + 8h, token 8j + 2(lane % 4) + e.
-  const scalar_t* scales = static_cast<const scalar_t*>(p.scales);
-  const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
-  scalar_t* y = static_cast<scalar_t*>(p.y);
-  const int quad = lane % 4;
-  if (p.splits == 1) {
+    // Accumulator 4j + 2h + e: row local_row + 8h, token 8j + 2(lane % 4) + e.
+    const scalar_t* scales = static_cast<const scalar_t*>(p.scales);
+    const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
+    scalar_t* y = static_cast<scalar_t*>(p.y);
+    const int quad = lane % 4;
+    const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
+    float* partial = p.workspace + blockIdx.z * split_size;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + local_row + 8 * h;
@@ -280,31 +327,21 @@ __global__ void __launch_bounds__(kPrefillThreads, N == 256 ? 1 : 2) prefill_ker
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int n = n0 + 8 * j + 2 * quad + e;
-          if (n < p.tokens) {
-            y[static_cast<int64_t>(n) * p.out_features + row] = convert<scalar_t>(acc[4 * j + 2 * h + e] * scale + shift);
+          if (n >= p.tokens) continue;
+          const int64_t at = static_cast<int64_t>(n) * p.out_features + row;
+          if (p.splits == 1) {
+            y[at] = convert<scalar_t>(acc[4 * j + 2 * h + e] * scale + shift);
+          } else {
+            partial[at] = acc[4 * j + 2 * h + e];
           }
         }
       }
     }
-    return;
-  }
-  const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
-  float* partial = p.workspace + blockIdx.z * split_size;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = row0 + local_row + 8 * h;
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int n = n0 + 8 * j + 2 * quad + e;
-        if (row < p.out_features && n < p.tokens) {
-          partial[static_cast<int64_t>(n) * p.out_features + row] = acc[4 * j + 2 * h + e];
-        }
-      }
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    if (p.splits > 1 && last_of_splits(p, tile, p.splits, sh_last)) {
+      sum_partials<scalar_t>(p, tile, p.splits, row0, kPrefillRows, n0, N, kPrefillConsumerWarps * 32);
     }
   }
-  sum_splits<scalar_t>(p, blockIdx.y * gridDim.x + blockIdx.x, p.splits, row0, kPrefillRows, n0, N, sh_last);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 

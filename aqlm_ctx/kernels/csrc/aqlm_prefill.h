@@ -9,7 +9,9 @@
 
 namespace aqlm_ctx {
 
-constexpr int kPrefillThreads = 256;  // two warpgroups, 64 output rows each
+constexpr int kPrefillConsumerWarps = 8;  // two warpgroups, 64 output rows each
+constexpr int kPrefillProducerThreads = 128;  // one warpgroup streaming tiles into shared memory
+constexpr int kPrefillThreads = 32 * kPrefillConsumerWarps + kPrefillProducerThreads;
 constexpr int kPrefillRows = 128;     // output rows one CTA owns
 constexpr int kPrefillStageK = 64;    // input features per pipeline stage (8 groups)
 constexpr int kPrefillStages = 4;     // shared-memory pipeline depth
@@ -19,10 +21,10 @@ struct PrefillParams : LayerParams {  // groups is a multiple of 8; counters: on
 };
 
 // Shared-memory bytes of a prefill launch with `token_tile` tokens per CTA: codebooks, the stage ring, a ticket flag,
-// and up to 1 KiB to align the ring to 1024 bytes.
+// two mbarriers per stage and up to 1 KiB to align the ring to 1024 bytes.
 inline int prefill_smem_bytes(int num_codebooks, int token_tile) {
   return num_codebooks * 256 * 128 + kPrefillStages * (token_tile * kPrefillStageK * 2 + kPrefillRows * 8 * num_codebooks) +
-         16 + 1024;
+         16 + 16 * kPrefillStages + 1024;
 }
 
 // Launches the wgmma prefill kernel (sm_90a only) for num_codebooks in {1, 2}, fp16 or bf16, token_tile in
