@@ -145,7 +145,8 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 
 // CTAs per SM the prefill kernel is compiled for, and the registers per thread of its producer and consumer
 // warpgroups after setmaxnreg: 128 * producer + 256 * consumer fits the 384 * (65536 / 384 / kCtas, rounded down to
-// 8) registers a CTA is given (without spills, except 8 bytes in the 64-token tile; 32 for its producer spills 52).
+// 8) registers a CTA is given: no spills in the 128/256-token tiles, 4-16 bytes in the 64-token tile (a producer of
+// 32 registers there spills 52).
 template <int N>
 struct PrefillRegisters {
   static constexpr int kCtas = N == 64 ? 2 : 1;
