@@ -93,8 +93,9 @@ PREFILL_PARTIAL_BYTES_PER_US = 1.7e6
 PREFILL_SPLIT_US = 0.04
 # num_codebooks -> inclusive token range of the prefill kernel; above PREFILL_SMALL_TOKENS it is used only for layers
 # of at least PREFILL_LARGE_WEIGHTS weights. Measured on an H200 and an H100 (BENCHMARKS.md, "Prefill"): up to 128
-# tokens it beats dequantize-then-cuBLAS (4096x4096 at 128 within a few %), and up to 512 (2048: not) on 8192x28672
-# and 28672x8192; at 512 tokens dequantize-then-cuBLAS is faster on the smaller layers.
+# tokens it beats dequantize-then-cuBLAS (4096x4096 at 128 within a few %); on 8192x28672 and 28672x8192 it wins at
+# 512 tokens and loses at 2048 (1024, between them, was not measured); at 512 tokens dequantize-then-cuBLAS is faster
+# on the smaller layers.
 PREFILL_TOKEN_RANGES: dict[int, tuple[int, int]] = {2: (33, 1024), 1: (33, 1024)}
 PREFILL_SMALL_TOKENS = 128
 PREFILL_LARGE_WEIGHTS = 1 << 26
