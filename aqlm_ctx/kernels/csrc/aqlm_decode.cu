@@ -132,9 +132,17 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const float 
   sum_splits<scalar_t>(p, block, partials, block * rows_per_cta, rows_per_cta, 0, p.tokens, sh_last);
 }
 
+// The minimum CTAs per SM that __launch_bounds__ gives ptxas for each instantiation (0: none); it steers ptxas's
+// register allocation (the plan assumes two CTAs per SM). 9-16 tokens: 2, which caps registers at 128 (uncapped, ~210
+// registers leave one CTA per SM: 30-40% slower). 1x8 at 1-8 tokens: 1, with which ptxas schedules more shared-memory
+// loads ahead (109 registers instead of 88, still two CTAs per SM; 6-10% faster on an H100, BENCHMARKS.md). 2x8 at
+// 1-8 tokens: none (with 1, 142 registers and one CTA per SM, 10-25% slower). 17-32 tokens: none (150-162 registers).
+template <int C, int NT>
+constexpr int kDecodeMinCtas = NT == 2 ? 2 : (C == 1 && NT == 1 ? 1 : 0);
+
 // C codebooks of 256 entries; NT tiles of 8 tokens; kBf16 selects bf16 (else fp16) activations and codebooks.
 template <int C, int NT, bool kBf16>
-__global__ void __launch_bounds__(kWarps * 32, NT == 2 ? 2 : 0) decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kWarps * 32, kDecodeMinCtas<C, NT>) decode_kernel(const DecodeParams p) {
   using scalar_t = Scalar<kBf16>;
   constexpr int kGroupsPerLoad = 16 / C;  // groups in one 16-byte code load
   constexpr int kSuper = 4 * kGroupsPerLoad;  // groups one warp covers per superstep (4 quads x one load)
