@@ -304,7 +304,8 @@ def tune_cuda(
             sm = torch.cuda.get_device_properties(0).multi_processor_count
             for tokens in token_counts:
                 x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
-                chosen = cuda_kernels.plan(tokens, out_f, in_f // 8, FORMATS[fmt][0], sm)
+                clusters = torch.cuda.get_device_capability() >= (9, 0)  # as launch() plans on this GPU
+                chosen = cuda_kernels.plan(tokens, out_f, in_f // 8, FORMATS[fmt][0], sm, clusters=clusters)
                 for splits in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
                     fns = [
                         lambda L=L, s=splits, x=x: cuda_kernels.launch(
@@ -313,7 +314,9 @@ def tune_cuda(
                         for L in layers
                     ]
                     t = graph_time(fns, min_time_s=0.02) * 1e6
-                    actual = cuda_kernels.plan(tokens, out_f, in_f // 8, FORMATS[fmt][0], sm, splits).ctas
+                    actual = cuda_kernels.plan(
+                        tokens, out_f, in_f // 8, FORMATS[fmt][0], sm, splits, clusters=clusters
+                    ).ctas
                     rows.append(
                         {
                             "fmt": fmt,

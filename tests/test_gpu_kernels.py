@@ -272,15 +272,25 @@ def test_cuda_decode_declines_cpu_tensors() -> None:
 
 
 def test_cuda_decode_plan() -> None:
-    from aqlm_ctx.kernels.cuda_kernels import CTAS_PER_SM, ROWS_PER_CTA, X_WINDOW_BYTES, plan
+    from aqlm_ctx.kernels.cuda_kernels import (
+        CLUSTER_MAX_GROUPS,
+        CLUSTER_SPLITS,
+        CLUSTER_TOKENS,
+        CTAS_PER_SM,
+        MAX_CLUSTER,
+        ROWS_PER_CTA,
+        X_WINDOW_BYTES,
+        plan,
+    )
 
     for tokens in (1, 7, 16, 32):
         for out_f, groups, c in ((4096, 512, 2), (8192, 3584, 2), (28672, 1024, 1), (28672, 1024, 2), (300, 80, 1)):
             superstep = 64 // c
             row_blocks = -(-out_f // ROWS_PER_CTA)
             units = row_blocks * -(-groups // superstep)
-            ctas, per_split, window = plan(tokens, out_f, groups, c, 132)
+            ctas, per_split, window, cluster = plan(tokens, out_f, groups, c, 132)
             assert window % superstep == 0 and (window == superstep or tokens * window * 18 <= X_WINDOW_BYTES)
+            assert cluster == 1
             if per_split:  # split-K: whole row blocks' splits
                 assert per_split % superstep == 0 and ctas == row_blocks * -(-groups // per_split)
                 assert 0 < window <= per_split
@@ -289,8 +299,24 @@ def test_cuda_decode_plan() -> None:
             forced = plan(tokens, out_f, groups, c, 132, splits=3)
             assert forced.groups_per_split and forced.ctas == row_blocks * -(-groups // forced.groups_per_split)
             assert plan(tokens, out_f, groups, c, 132, ctas=7)[:2] == (min(units, 7), 0)
+            # Clusters: planned for split-K at 9-16 tokens on layers of up to CLUSTER_MAX_GROUPS groups, one per row
+            # block of at most CLUSTER_SPLITS splits; otherwise the plan is unchanged.
+            clustered = plan(tokens, out_f, groups, c, 132, clusters=True)
+            small = groups <= CLUSTER_MAX_GROUPS and 132 // row_blocks + 1 >= 4
+            if per_split and CLUSTER_TOKENS[0] <= tokens <= CLUSTER_TOKENS[1] and small:
+                count = -(-groups // clustered.groups_per_split)
+                assert count <= CLUSTER_SPLITS and clustered.ctas == row_blocks * count
+                assert clustered.cluster == (count if count > 1 else 1)
+            else:
+                assert clustered == (ctas, per_split, window, 1)
+            many = plan(tokens, out_f, groups, c, 132, splits=MAX_CLUSTER + 1, clusters=True)
+            assert many.cluster == (1 if many.ctas > MAX_CLUSTER * row_blocks else many.ctas // row_blocks)
     assert plan(1, 28672, 1024, 2, 132).groups_per_split == 0  # 112 row blocks: split-K leaves SMs half used
     assert plan(1, 8192, 3584, 2, 132).groups_per_split > 0  # 32 row blocks x 8 splits fill 256 of 264 slots
+    assert plan(16, 4096, 512, 2, 132, clusters=True) == (96, 96, 96, 6)  # 16 row blocks x 6 splits, one cluster each
+    assert plan(16, 8192, 3584, 2, 132, clusters=True).cluster == 1  # long splits: the workspace sum measured faster
+    assert plan(16, 14336, 512, 2, 132, clusters=True).cluster == 1  # 56 row blocks: 3 splits a cluster, too few
+    assert plan(16, 11008, 512, 2, 132, clusters=True).cluster == 4  # 43 row blocks: 4 splits
 
 
 @requires_cuda
@@ -314,6 +340,8 @@ def test_cuda_decode_matches_reference(fmt: str, dtype_name: str, tokens: int, w
         out = cuda_kernels.launch(x, codes, codebooks, scales, bias, splits=splits)
         assert out.shape == (tokens, out_features) and out.dtype == dtype
         assert rel_err(out, ref) < TOLERANCE[dtype], splits
+        # Split-K partials summed in a thread-block cluster (sm_90+) or through the workspace: the same sum.
+        assert torch.equal(out, cuda_kernels.launch(x, codes, codebooks, scales, bias, splits=splits, clusters=False))
     assert rel_err(cuda_kernels.matmul(x, codes, codebooks, scales, bias), ref) < TOLERANCE[dtype]
     assert torch.equal(codes, codes_before)
 
@@ -331,7 +359,8 @@ def test_cuda_decode_large_layer_windows_and_splits(fmt: str, tokens: int) -> No
     x = torch.randn(tokens, 8192, device="cuda", dtype=torch.float16)
     ref = decode_reference(x, codes, codebooks, scales, bias)
     # 4 row blocks x 32 (2x8) or 16 (1x8) supersteps: 7 and 13 CTAs take ranges that cross row blocks (stream-K)
-    for grid in dict(splits=1), dict(splits=5), dict(ctas=7), dict(ctas=13), dict(ctas=64):
+    # 5 splits: one cluster per row block on sm_90+; 16: more than a cluster holds, summed through the workspace.
+    for grid in dict(splits=1), dict(splits=5), dict(splits=16), dict(ctas=7), dict(ctas=13), dict(ctas=64):
         outs = [cuda_kernels.launch(x, codes, codebooks, scales, bias, **grid) for _ in range(10)]
         assert rel_err(outs[0], ref) < TOLERANCE[torch.float16], grid
         assert all(torch.equal(o, outs[0]) for o in outs[1:]), grid

@@ -80,6 +80,15 @@ ROWS_PER_CTA = 256  # kRowsPerCta in csrc/aqlm_decode.h
 TOKEN_RANGES: dict[int, tuple[int, int]] = {2: (1, 32), 1: (1, 32)}
 X_WINDOW_BYTES = 40 * 1024  # shared memory for x per CTA: with 64 KiB of 2x8 codebooks, two CTAs fit an SM
 CTAS_PER_SM = 2  # split-K aims at this many CTAs per SM (best of the split counts swept on an H200 and an H100)
+MAX_CLUSTER = 8  # kMaxCluster in csrc/aqlm_decode.h: the most CTAs of a portable thread-block cluster
+# Where the planner makes split-K CTAs a thread-block cluster that sums its partials in distributed shared memory:
+# 9-16 tokens on layers of at most CLUSTER_MAX_GROUPS input groups, with CLUSTER_SPLITS splits or SMs / row blocks +
+# 1 if fewer, but not below 4 (14336x4096's 3 uneven splits were 5% slower). Fitted to a split sweep on an H100
+# (BENCHMARKS.md, "Split-K in a cluster"): at 16 tokens 2x8 4096x4096 19.4 -> 12.9 us, 4096x11008 36.5 -> 25.1,
+# 11008x4096 31.1 -> 22.7; slower at 1-4 tokens and on 8192x28672, so not used there.
+CLUSTER_TOKENS = (9, 16)
+CLUSTER_MAX_GROUPS = 11008 // 8
+CLUSTER_SPLITS = 6
 MAX_COUNTERS = 1 << 16
 PREFILL_ROWS = 128  # kPrefillRows in csrc/aqlm_prefill.h
 PREFILL_TILES = (64, 128, 256)  # token tiles of the prefill kernel
@@ -182,6 +191,12 @@ def _capability_ok(index: int) -> bool:
 @functools.cache
 def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+@functools.cache
+def _clusters(index: int) -> bool:
+    """Whether the decode kernel's split-K CTAs can form thread-block clusters (sm_90+)."""
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 @functools.cache
@@ -344,22 +359,33 @@ def supports_dequantized(
 
 class Plan(NamedTuple):
     """Launch shape of the 2x8 / 1x8 decode kernel: CTAs, input groups per split (split-K; 0: stream-K), groups of x
-    staged in shared memory at a time."""
+    staged in shared memory at a time, CTAs per thread-block cluster (split-K: a row block's splits sum their partials
+    through distributed shared memory; 1: through the workspace)."""
 
     ctas: int
     groups_per_split: int
     window_groups: int
+    cluster: int = 1
 
 
 @functools.lru_cache(maxsize=4096)  # called on every decode launch; pure function of its arguments
 def plan(
-    tokens: int, out_features: int, groups: int, num_codebooks: int, sm_count: int, splits: int = 0, ctas: int = 0
+    tokens: int,
+    out_features: int,
+    groups: int,
+    num_codebooks: int,
+    sm_count: int,
+    splits: int = 0,
+    ctas: int = 0,
+    clusters: bool = False,
 ) -> Plan:
     """Grid and x-window sizes. Work units are supersteps (32 or 64 groups) of one block of :data:`ROWS_PER_CTA`
     rows. Split-K gives each row block about :data:`CTAS_PER_SM` x SMs / row blocks CTAs of whole supersteps
     (``splits`` forces the count); stream-K spreads all units evenly over :data:`CTAS_PER_SM` x SMs CTAs (``ctas``
     forces the count), a CTA's share may span row blocks. Stream-K is used when it gives the busiest CTA fewer units.
-    The x window is the largest within :data:`X_WINDOW_BYTES`, at most one CTA's share.
+    The x window is the largest within :data:`X_WINDOW_BYTES`, at most one CTA's share. With ``clusters`` (sm_90+),
+    a row block's splits form one thread-block cluster when there are 2 to :data:`MAX_CLUSTER` of them: forced by
+    ``splits``, or planned as :data:`CLUSTER_TOKENS` and :data:`CLUSTER_SPLITS` say where split-K is the plan.
 
     Example:
         >>> plan(1, 28672, 1024, 2, 132)  # 112 row blocks: split-K would give 2 CTAs of 16 supersteps per row block
@@ -375,7 +401,15 @@ def plan(
     split_steps = -(-steps // max(1, min(split_count, steps)))
     if ctas > 0 or (splits <= 0 and -(-units // stream_ctas) < split_steps):
         return Plan(stream_ctas, 0, min(window, -(-units // stream_ctas) * superstep))
-    return Plan(row_blocks * -(-steps // split_steps), split_steps * superstep, min(window, split_steps * superstep))
+    low, high = CLUSTER_TOKENS
+    cluster_splits = min(CLUSTER_SPLITS, sm_count // row_blocks + 1)
+    if clusters and splits <= 0 and low <= tokens <= high and groups <= CLUSTER_MAX_GROUPS and cluster_splits >= 4:
+        split_steps = -(-steps // min(cluster_splits, steps))
+    elif clusters and splits <= 0:
+        clusters = False  # the planned split-K sums through the workspace
+    count = -(-steps // split_steps)
+    cluster = count if clusters and 1 < count <= MAX_CLUSTER else 1
+    return Plan(row_blocks * count, split_steps * superstep, min(window, split_steps * superstep), cluster)
 
 
 def _counters(device: torch.device) -> torch.Tensor:
@@ -436,9 +470,11 @@ def launch(
     bias: torch.Tensor | None,
     splits: int = 0,
     ctas: int = 0,
+    clusters: bool | None = None,
 ) -> torch.Tensor:
     """``input @ W.T + bias`` with the 2x8 / 1x8 CUDA decode kernel (``splits`` CTAs per row block or ``ctas`` in all
-    force the grid: :func:`plan`).
+    force the grid, ``clusters`` whether split-K CTAs form thread-block clusters, by default where the GPU can:
+    :func:`plan`).
 
     Raises:
         RuntimeError: the extension cannot be built here.
@@ -450,8 +486,10 @@ def launch(
 
     def run(module: ModuleType, x: torch.Tensor, *layer: torch.Tensor | None) -> torch.Tensor:
         out_features, groups, num_codebooks = codes.shape
-        p = plan(x.shape[0], out_features, groups, num_codebooks, _sm_count(_index(x.device)), splits, ctas)
-        return module.decode(x, *layer, _counters(x.device), p.ctas, p.groups_per_split, p.window_groups)
+        index = _index(x.device)
+        cluster = _clusters(index) if clusters is None else clusters and _clusters(index)
+        p = plan(x.shape[0], out_features, groups, num_codebooks, _sm_count(index), splits, ctas, cluster)
+        return module.decode(x, *layer, _counters(x.device), p.ctas, p.groups_per_split, p.window_groups, p.cluster)
 
     return _launch(run, input, codes, codebooks, scales, bias, MAX_TOKENS)
 

@@ -1,5 +1,6 @@
 // torch binding of the decode kernels in aqlm_decode.cu and the prefill / dequantize kernels in aqlm_prefill.cu (see
 // aqlm_ctx/kernels/cuda_kernels.py for the planning: token tiles, splits and windows are chosen there).
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -66,8 +67,8 @@ void fill_layer(aqlm_ctx::LayerParams& p, const torch::Tensor& x, const torch::T
   p.scales = scales.data_ptr();
   p.bias = bias ? bias->data_ptr() : nullptr;
   p.y = y.data_ptr();
-  p.workspace = splits > 1 ? workspace.data_ptr<float>() : nullptr;
-  p.counters = splits > 1 ? counters.data_ptr<int>() : nullptr;
+  p.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
+  p.counters = workspace.defined() ? counters.data_ptr<int>() : nullptr;
   p.x_stride = x.stride(0);
   p.tokens = static_cast<int>(x.size(0));
   p.out_features = static_cast<int>(codes.size(0));
@@ -88,11 +89,13 @@ aqlm_ctx::DecodeParams decode_params(const torch::Tensor& x, const torch::Tensor
 }
 
 // 2x8 / 1x8: with `groups_per_split` > 0, split-K: `ctas` = row blocks x splits, each split that many groups of a
-// row block; with 0, a stream-K grid of `ctas` CTAs over the row blocks' supersteps (see decode_kernel).
-// `window_groups` of x are staged in shared memory at a time.
+// row block, its CTAs one thread-block cluster when `cluster` (= splits, 2 to kMaxCluster; sm_90+) and otherwise
+// summed through the workspace; with 0, a stream-K grid of `ctas` CTAs over the row blocks' supersteps (see
+// decode_kernel). `window_groups` of x are staged in shared memory at a time.
 torch::Tensor decode(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
                      const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
-                     const torch::Tensor& counters, int64_t ctas, int64_t groups_per_split, int64_t window_groups) {
+                     const torch::Tensor& counters, int64_t ctas, int64_t groups_per_split, int64_t window_groups,
+                     int64_t cluster) {
   const int num_codebooks = static_cast<int>(codebooks.size(0));
   TORCH_CHECK(num_codebooks == 1 || num_codebooks == 2, "1 or 2 codebooks");
   check_layer(x, codes, codebooks, scales, bias, 256, 1);
@@ -116,14 +119,18 @@ torch::Tensor decode(const torch::Tensor& x, const torch::Tensor& codes, const t
       partials = std::max(partials, contributor((b + 1) * steps - 1) - contributor(b * steps) + 1);
     }
   }
-  check_counters(counters, partials, row_blocks);
+  TORCH_CHECK(cluster == 1 || (groups_per_split > 0 && cluster == partials && cluster <= aqlm_ctx::kMaxCluster &&
+                                at::cuda::getDeviceProperties(x.get_device())->major >= 9),
+              "bad plan: a cluster is the 2 to ", aqlm_ctx::kMaxCluster, " split-K CTAs of a row block, on sm_90+");
+  check_counters(counters, cluster > 1 ? 1 : partials, row_blocks);
 
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [y, workspace] = outputs(x, out_features, partials);
+  auto [y, workspace] = outputs(x, out_features, cluster > 1 ? 1 : partials);
   auto p = decode_params(x, codes, codebooks, scales, bias, counters, y, workspace, partials, groups_per_split,
                          window_groups);
   p.x_slots = aqlm_ctx::decode_x_slots(16 / num_codebooks, p.window_groups);
   p.tiles = static_cast<int>(ctas);
+  p.cluster = static_cast<int>(cluster);
   const cudaError_t err = aqlm_ctx::decode_launch(p, num_codebooks, x.scalar_type() == at::kBFloat16,
                                                   c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "aqlm_ctx decode kernel: ", cudaGetErrorString(err));

@@ -132,6 +132,65 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const float 
   sum_splits<scalar_t>(p, block, partials, block * rows_per_cta, rows_per_cta, 0, p.tokens, sh_last);
 }
 
+// Split-K through a thread-block cluster (p.cluster CTAs, one per split of row block `block`, cluster rank = split):
+// each CTA puts its fp32 partial for the block's kRowsPerCta rows x tokens into its own shared memory (over the x
+// window, which it no longer needs), then CTA r of the cluster sums outputs [r * share, (r + 1) * share) over all the
+// cluster's partials, read through distributed shared memory in split order (the same sum as sum_splits), and writes
+// y = sum * scale + bias. No workspace, no ticket, and the summing is spread over the whole cluster.
+// Every thread of the CTA calls it (it has cluster barriers).
+template <typename scalar_t, int kTiles, int NT>
+__device__ __forceinline__ void cluster_store_output(const DecodeParams& p, const float (&acc)[kTiles][NT][4],
+                                                     float* sh_partial, int local_row, int quad, int block) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __syncthreads();  // every warp is done reading x
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int n = 8 * nt + 2 * quad + i % 2;
+        if (n < p.tokens) sh_partial[n * kRowsPerCta + local_row + 16 * t + 8 * (i / 2)] = acc[t][nt][i];
+      }
+    }
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  uint32_t rank;
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  const scalar_t* scales = static_cast<const scalar_t*>(p.scales);
+  const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
+  scalar_t* y = static_cast<scalar_t*>(p.y);
+  const int outputs = p.tokens * kRowsPerCta;
+  const int share = (outputs + p.cluster - 1) / p.cluster;
+  const int end = min(outputs, static_cast<int>(rank + 1) * share);
+  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(sh_partial));
+  for (int i = static_cast<int>(rank) * share + static_cast<int>(threadIdx.x); i < end; i += blockDim.x) {
+    const int row = block * kRowsPerCta + i % kRowsPerCta;
+    float v[kMaxCluster];
+#pragma unroll
+    for (int k = 0; k < kMaxCluster; ++k) {
+      v[k] = 0.0f;
+      if (k < p.cluster) {
+        uint32_t remote;
+        asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local + i * 4u), "r"(k));
+        asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v[k]) : "r"(remote));
+      }
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kMaxCluster; ++k) {
+      if (k < p.cluster) sum += v[k];
+    }
+    if (row < p.out_features) {
+      const float shift = bias != nullptr ? convert<float>(bias[row]) : 0.0f;
+      y[static_cast<int64_t>(i / kRowsPerCta) * p.out_features + row] =
+          convert<scalar_t>(sum * convert<float>(scales[row]) + shift);
+    }
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
 // The minimum CTAs per SM that __launch_bounds__ gives ptxas for each instantiation (0: none); it steers ptxas's
 // register allocation (the plan assumes two CTAs per SM). 9-16 tokens: 2, which caps registers at 128 (uncapped, ~210
 // registers leave one CTA per SM: 30-40% slower). 1x8 at 1-8 tokens: 1, with which ptxas schedules more shared-memory
@@ -272,6 +331,11 @@ __global__ void __launch_bounds__(kWarps * 32, kDecodeMinCtas<C, NT>) decode_ker
         }
     });
 
+    if (p.cluster > 1) {
+      cluster_store_output<scalar_t, kTilesPerWarp, NT>(p, acc, reinterpret_cast<float*>(sh_x),
+                                                        row_base - block * kRowsPerCta, quad, block);
+      break;  // split-K: one row block per CTA
+    }
     const int first = split_steps > 0 ? block * p.splits : contributor(block * steps);
     const int partials = split_steps > 0 ? p.splits : contributor((block + 1) * steps - 1) - first + 1;
     store_output<scalar_t, kTilesPerWarp, NT>(p, acc, row_base, quad, block, cta - first, partials, kRowsPerCta,
@@ -282,7 +346,8 @@ __global__ void __launch_bounds__(kWarps * 32, kDecodeMinCtas<C, NT>) decode_ker
 
 template <int C, int NT, bool kBf16>
 cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
-  return launch_kernel(decode_kernel<C, NT, kBf16>, dim3(p.tiles), kWarps * 32, decode_smem_bytes(C, p), stream, p);
+  return launch_kernel(decode_kernel<C, NT, kBf16>, dim3(p.tiles), kWarps * 32, decode_smem_bytes(C, p), stream, p,
+                       -1, p.cluster);
 }
 
 template <int C, bool kBf16>

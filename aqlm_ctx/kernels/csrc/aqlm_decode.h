@@ -15,6 +15,7 @@ constexpr int kTilesPerWarp = 2;                 // m16 row tiles per warp
 constexpr int kRowsPerWarp = 16 * kTilesPerWarp;
 constexpr int kRowsPerCta = kWarps * kRowsPerWarp;  // output rows one CTA owns (2x8 / 1x8)
 constexpr int kMaxWarps1x16 = 16;                // the 1x16 kernel: one m16 row tile per warp, 4 to 16 warps per CTA
+constexpr int kMaxCluster = 8;                   // the most CTAs of a (portable) thread-block cluster
 
 // How the 1x16 kernel reads codebook entries: through L1 (ld.global.nc), from L2 only (ld.global.cg), or the first
 // cache_entries from a shared-memory copy and the rest from L2.
@@ -26,6 +27,7 @@ struct DecodeParams : LayerParams {
   int x_slots;            // shared-memory stride between tokens in 16-byte slots
   int tiles;              // 2x8 / 1x8: CTAs of the grid; 1x16: row blocks x splits, which the grid loops over
   int groups_per_split;   // split-K: groups per split, a multiple of the superstep; 2x8 / 1x8: 0 for stream-K
+  int cluster;            // 2x8 / 1x8 split-K: 1, or `splits` when a row block's CTAs form one thread-block cluster
   // 1x16 only:
   int rows_per_cta;       // 16 x warps per CTA
   int cache_entries;      // kGatherShared: codebook entries [0, cache_entries) staged in shared memory
@@ -40,9 +42,11 @@ inline int decode_x_slots(int groups_per_load, int window_groups) {
   return slots;
 }
 
-// Shared-memory bytes of a launch: the codebooks replicated 8 times, then the x window.
+// Shared-memory bytes of a launch: the codebooks replicated 8 times, then the x window, which a cluster's CTAs reuse
+// for their fp32 partials (kRowsPerCta per token).
 inline int decode_smem_bytes(int num_codebooks, const DecodeParams& p) {
-  return (num_codebooks * 256 * 8 + p.tokens * p.x_slots) * 16;
+  const int partials = p.cluster > 1 ? p.tokens * kRowsPerCta / 4 : 0;
+  return (num_codebooks * 256 * 8 + (p.tokens * p.x_slots > partials ? p.tokens * p.x_slots : partials)) * 16;
 }
 
 // Launches the kernel for (num_codebooks in {1, 2}) x (bf16 or fp16) x (token tiles of 8: 1, 2 or 4) on `stream`.

@@ -72,15 +72,31 @@ __device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int p
 }
 
 // Host side: launches `kernel` on `stream` with `smem` bytes of dynamic shared memory (opted in, as above 48 KiB it
-// must be) and, when `carveout` >= 0, that shared-memory share of L1 in percent. Returns the CUDA error.
+// must be), when `carveout` >= 0 that shared-memory share of L1 in percent, and when `cluster` > 1 as thread-block
+// clusters of `cluster` consecutive CTAs. Returns the CUDA error.
 template <typename Params>
 inline cudaError_t launch_kernel(void (*kernel)(Params), dim3 grid, int threads, int smem, cudaStream_t stream,
-                                 const Params& p, int carveout = -1) {
+                                 const Params& p, int carveout = -1, int cluster = 1) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err == cudaSuccess && carveout >= 0) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carveout);
   }
   if (err != cudaSuccess) return err;
+  if (cluster > 1) {
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cluster;
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, p);
+  }
   kernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
 }
