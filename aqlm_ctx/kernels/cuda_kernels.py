@@ -84,7 +84,7 @@ MAX_CLUSTER = 8  # kMaxCluster in csrc/aqlm_decode.h: the most CTAs of a portabl
 # Where the planner makes split-K CTAs a thread-block cluster that sums its partials in distributed shared memory:
 # 9-16 tokens on layers of at most CLUSTER_MAX_GROUPS input groups, with CLUSTER_SPLITS splits or SMs / row blocks +
 # 1 if fewer, but not below 4 (14336x4096's 3 uneven splits were 5% slower). Fitted to a split sweep on an H100
-# (BENCHMARKS.md, "Split-K in a cluster"): at 16 tokens 2x8 4096x4096 19.4 -> 12.9 us, 4096x11008 36.5 -> 25.1,
+# (BENCHMARKS.md, "GPU kernels", seventh session): at 16 tokens 2x8 4096x4096 19.4 -> 12.9 us, 4096x11008 36.5 -> 25.1,
 # 11008x4096 31.1 -> 22.7; slower at 1-4 tokens and on 8192x28672, so not used there.
 CLUSTER_TOKENS = (9, 16)
 CLUSTER_MAX_GROUPS = 11008 // 8
