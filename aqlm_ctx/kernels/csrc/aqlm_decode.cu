@@ -15,7 +15,8 @@
 //   all tokens of the launch;
 // * fp32 accumulation; scales and bias are applied in the epilogue. When a row block has several CTAs, each writes an
 //   fp32 partial, and the last to finish (a ticket counter that resets itself) sums the partials in a fixed order,
-//   so results are deterministic.
+//   so results are deterministic; or, when the plan makes a row block's split-K CTAs one thread-block cluster (sm_90+),
+//   they sum the partials together through distributed shared memory, in the same order (cluster_store_output).
 #include <type_traits>
 
 #include "aqlm_decode.h"

@@ -21,7 +21,7 @@ constexpr int kMaxCluster = 8;                   // the most CTAs of a (portable
 // cache_entries from a shared-memory copy and the rest from L2.
 enum Gather1x16 : int { kGatherL1 = 0, kGatherL2 = 1, kGatherShared = 2 };
 
-// splits (LayerParams): the workspace's partial slots, i.e. the most CTAs that share a row block.
+// splits (LayerParams): the most CTAs that share a row block, i.e. the workspace's partial slots (none when clustered).
 struct DecodeParams : LayerParams {
   int window_groups;      // groups of x staged in shared memory at a time, multiple of the superstep
   int x_slots;            // shared-memory stride between tokens in 16-byte slots
