@@ -299,7 +299,7 @@ def test_cuda_decode_plan() -> None:
             forced = plan(tokens, out_f, groups, c, 132, splits=3)
             assert forced.groups_per_split and forced.ctas == row_blocks * -(-groups // forced.groups_per_split)
             assert plan(tokens, out_f, groups, c, 132, ctas=7)[:2] == (min(units, 7), 0)
-            # Clusters: planned for split-K at 9-16 tokens on layers of up to CLUSTER_MAX_GROUPS groups, one per row
+            # Clusters: planned for split-K at 9-32 tokens on layers of up to CLUSTER_MAX_GROUPS groups, one per row
             # block of at most CLUSTER_SPLITS splits; otherwise the plan is unchanged.
             clustered = plan(tokens, out_f, groups, c, 132, clusters=True)
             small = groups <= CLUSTER_MAX_GROUPS and 132 // row_blocks + 1 >= 4

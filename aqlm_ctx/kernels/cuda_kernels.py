@@ -82,11 +82,11 @@ X_WINDOW_BYTES = 40 * 1024  # shared memory for x per CTA: with 64 KiB of 2x8 co
 CTAS_PER_SM = 2  # split-K aims at this many CTAs per SM (best of the split counts swept on an H200 and an H100)
 MAX_CLUSTER = 8  # kMaxCluster in csrc/aqlm_decode.h: the most CTAs of a portable thread-block cluster
 # Where the planner makes split-K CTAs a thread-block cluster that sums its partials in distributed shared memory:
-# 9-16 tokens on layers of at most CLUSTER_MAX_GROUPS input groups, with CLUSTER_SPLITS splits or SMs / row blocks +
-# 1 if fewer, but not below 4 (14336x4096's 3 uneven splits were 5% slower). Fitted to a split sweep on an H100
-# (BENCHMARKS.md, "GPU kernels", seventh session): at 16 tokens 2x8 4096x4096 19.4 -> 12.9 us, 4096x11008 36.5 -> 25.1,
-# 11008x4096 31.1 -> 22.7; slower at 1-4 tokens and on 8192x28672, so not used there.
-CLUSTER_TOKENS = (9, 16)
+# 9-32 tokens on layers of at most CLUSTER_MAX_GROUPS input groups, with CLUSTER_SPLITS splits or SMs / row blocks +
+# 1 if fewer, but not below 4 (14336x4096's 3 uneven splits were 5% slower). Fitted to split sweeps on an H100
+# (BENCHMARKS.md, "GPU kernels", seventh session): 2x8 4096x4096 at 16 tokens 19.4 -> 12.9 us, at 32 31.9 -> 17.2;
+# 4096x11008 36.5 -> 25.1 and 66.8 -> 35.4; slower at 1-4 tokens and on 8192x28672, so not used there.
+CLUSTER_TOKENS = (9, 32)
 CLUSTER_MAX_GROUPS = 11008 // 8
 CLUSTER_SPLITS = 6
 MAX_COUNTERS = 1 << 16
