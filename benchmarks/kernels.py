@@ -302,9 +302,9 @@ def tune_cuda(
                 make_aqlm(fmt, out_f, in_f, torch.float16) for _ in range(copies_for(nbytes(first), l2) - 1)
             ]
             sm = torch.cuda.get_device_properties(0).multi_processor_count
+            clusters = torch.cuda.get_device_capability() >= (9, 0)  # as launch() plans on this GPU
             for tokens in token_counts:
                 x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
-                clusters = torch.cuda.get_device_capability() >= (9, 0)  # as launch() plans on this GPU
                 chosen = cuda_kernels.plan(tokens, out_f, in_f // 8, FORMATS[fmt][0], sm, clusters=clusters)
                 for splits in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
                     fns = [

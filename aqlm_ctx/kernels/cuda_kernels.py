@@ -403,12 +403,11 @@ def plan(
         return Plan(stream_ctas, 0, min(window, -(-units // stream_ctas) * superstep))
     low, high = CLUSTER_TOKENS
     cluster_splits = min(CLUSTER_SPLITS, sm_count // row_blocks + 1)
-    if clusters and splits <= 0 and low <= tokens <= high and groups <= CLUSTER_MAX_GROUPS and cluster_splits >= 4:
+    planned = splits <= 0 and low <= tokens <= high and groups <= CLUSTER_MAX_GROUPS and cluster_splits >= 4
+    if clusters and planned:
         split_steps = -(-steps // min(cluster_splits, steps))
-    elif clusters and splits <= 0:
-        clusters = False  # the planned split-K sums through the workspace
     count = -(-steps // split_steps)
-    cluster = count if clusters and 1 < count <= MAX_CLUSTER else 1
+    cluster = count if clusters and (planned or splits > 0) and 1 < count <= MAX_CLUSTER else 1
     return Plan(row_blocks * count, split_steps * superstep, min(window, split_steps * superstep), cluster)
 
 
