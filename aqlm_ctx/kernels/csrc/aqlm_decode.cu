@@ -158,8 +158,6 @@ __device__ __forceinline__ void cluster_store_output(const DecodeParams& p, cons
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
   uint32_t rank;
   asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  const scalar_t* scales = static_cast<const scalar_t*>(p.scales);
-  const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
   scalar_t* y = static_cast<scalar_t*>(p.y);
   const int outputs = p.tokens * kRowsPerCta;
   const int share = (outputs + p.cluster - 1) / p.cluster;
@@ -183,9 +181,7 @@ __device__ __forceinline__ void cluster_store_output(const DecodeParams& p, cons
       if (k < p.cluster) sum += v[k];
     }
     if (row < p.out_features) {
-      const float shift = bias != nullptr ? convert<float>(bias[row]) : 0.0f;
-      y[static_cast<int64_t>(i / kRowsPerCta) * p.out_features + row] =
-          convert<scalar_t>(sum * convert<float>(scales[row]) + shift);
+      y[static_cast<int64_t>(i / kRowsPerCta) * p.out_features + row] = scale_and_shift<scalar_t>(p, row, sum);
     }
   }
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");

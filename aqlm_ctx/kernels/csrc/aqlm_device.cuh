@@ -41,6 +41,14 @@ __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
   return r;
 }
 
+// One output of row `row`: sum * scale + bias, rounded to scalar_t.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t scale_and_shift(const LayerParams& p, int row, float sum) {
+  const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
+  const float shift = bias != nullptr ? convert<float>(bias[row]) : 0.0f;
+  return convert<scalar_t>(sum * convert<float>(static_cast<const scalar_t*>(p.scales)[row]) + shift);
+}
+
 // Split-K, after every thread of this CTA wrote its fp32 partial to p.workspace (slot k of `partials` at
 // p.workspace + k * tokens * out_features): the last of the tile's `partials` CTAs to get here (a ticket counter,
 // which it then resets) sums the partials of rows [row0, row0 + rows) x tokens [n0, n0 + n_count) in slot order, so
@@ -54,8 +62,6 @@ __device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int p
   __syncthreads();
   if (!sh_last) return;
   __threadfence();
-  const scalar_t* scales = static_cast<const scalar_t*>(p.scales);
-  const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
   scalar_t* y = static_cast<scalar_t*>(p.y);
   const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
   for (int i = threadIdx.x; i < n_count * rows; i += blockDim.x) {
@@ -65,8 +71,7 @@ __device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int p
     const float* src = p.workspace + static_cast<int64_t>(n) * p.out_features + row;
     float sum = 0.0f;
     for (int s = 0; s < partials; ++s) sum += __ldcg(src + s * split_size);
-    const float shift = bias != nullptr ? convert<float>(bias[row]) : 0.0f;
-    y[static_cast<int64_t>(n) * p.out_features + row] = convert<scalar_t>(sum * convert<float>(scales[row]) + shift);
+    y[static_cast<int64_t>(n) * p.out_features + row] = scale_and_shift<scalar_t>(p, row, sum);
   }
   if (threadIdx.x == 0) p.counters[tile] = 0;
 }
