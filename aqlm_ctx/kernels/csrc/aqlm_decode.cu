@@ -266,14 +266,7 @@ __global__ void __launch_bounds__(kWarps * 32, kDecodeMinCtas<C, NT>) decode_ker
     uint4 cur[kTilesPerWarp][2];
     load_codes(cur, g_begin);  // in flight while the codebooks are staged (first segment)
 
-    if (u == u_begin) {
-      const uint4* codebooks = static_cast<const uint4*>(p.codebooks);
-      for (int i = tid; i < C * 256; i += kThreads) {
-        const uint4 v = codebooks[i];
-#pragma unroll
-        for (int r = 0; r < 8; ++r) smem[8 * i + ((r + i) & 7)] = v;  // rotated: no bank conflicts while staging
-      }
-    }
+    if (u == u_begin) stage_codebooks(smem, p.codebooks, C * 256, tid, kThreads);
 
     float acc[kTilesPerWarp][NT][4] = {};
     over_windows<kSuper, scalar_t>(sh_x, p, g_begin, g_end, [&](int w0, int s0) {

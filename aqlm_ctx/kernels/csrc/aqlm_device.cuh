@@ -41,6 +41,18 @@ __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
   return r;
 }
 
+// The `entries` 16-byte codebook entries into shared memory, 8 copies of each (entry e at smem[8 e .. 8 e + 7]), by
+// threads `first`, `first + stride`, ...; the copies are written in rotated order, so the stores hit no bank conflicts.
+// Callers synchronise afterwards.
+__device__ __forceinline__ void stage_codebooks(uint4* smem, const void* codebooks, int entries, int first, int stride) {
+  const uint4* source = static_cast<const uint4*>(codebooks);
+  for (int i = first; i < entries; i += stride) {
+    const uint4 v = source[i];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) smem[8 * i + ((r + i) & 7)] = v;
+  }
+}
+
 // One output of row `row`: sum * scale + bias, rounded to scalar_t.
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t scale_and_shift(const LayerParams& p, int row, float sum) {

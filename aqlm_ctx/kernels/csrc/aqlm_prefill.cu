@@ -225,12 +225,7 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillRegisters<N>::kCtas) p
     if (p.splits > 1) sum_splits<scalar_t>(p, blockIdx.y * gridDim.x + blockIdx.x, p.splits, row0, kPrefillRows, n0, N, sh_last);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(PrefillRegisters<N>::kConsumer));
-    const uint4* codebooks = static_cast<const uint4*>(p.codebooks);
-    for (int i = tid; i < C * 256; i += kPrefillConsumerWarps * 32) {
-      const uint4 v = codebooks[i];
-#pragma unroll
-      for (int r = 0; r < 8; ++r) smem[8 * i + ((r + i) & 7)] = v;  // rotated: no bank conflicts while staging
-    }
+    stage_codebooks(smem, p.codebooks, C * 256, tid, kPrefillConsumerWarps * 32);
     asm volatile("bar.sync 1, %0;" ::"n"(kPrefillConsumerWarps * 32) : "memory");  // consumers only
 
     // Word `lane % 4` of copy `lane / 4` of codebook entry e is cb_words[32 * e].
