@@ -44,7 +44,8 @@ __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
 // The `entries` 16-byte codebook entries into shared memory, 8 copies of each (entry e at smem[8 e .. 8 e + 7]), by
 // threads `first`, `first + stride`, ...; the copies are written in rotated order, so the stores hit no bank conflicts.
 // Callers synchronise afterwards.
-__device__ __forceinline__ void stage_codebooks(uint4* smem, const void* codebooks, int entries, int first, int stride) {
+__device__ __forceinline__ void stage_codebooks(uint4* smem, const void* codebooks, int entries, int first,
+                                                int stride) {
   const uint4* source = static_cast<const uint4*>(codebooks);
   for (int i = first; i < entries; i += stride) {
     const uint4 v = source[i];
