@@ -545,7 +545,8 @@ def _refit_scales(
 
 def _damped(stats: torch.Tensor) -> tuple[torch.Tensor, float]:
     """``XᵀX`` made symmetric plus ``damp`` on its diagonal (float64), and ``damp = _DAMP * mean(diag)``."""
-    hess = (stats.double() + stats.double().T) / 2
+    stats = stats.double()
+    hess = (stats + stats.T) / 2
     damp = _DAMP * float(hess.diagonal().mean().clamp_min(1e-30))
     return hess + damp * torch.eye(hess.shape[0], dtype=hess.dtype, device=hess.device), damp
 
