@@ -473,28 +473,49 @@ def test_cuda_decode_graph_compile_and_dispatch(fmt: str, monkeypatch: pytest.Mo
 
 # ---------------------------------------------------------------- CUDA C++ decode kernel for 1x16 (codebook via L1/L2)
 
-GATHERS_1X16 = [0, 1, 2]  # cuda_kernels.GATHER_L1, GATHER_L2, GATHER_SHARED
+GATHERS_1X16 = [0, 1, 2, 3]  # cuda_kernels.GATHER_L1, GATHER_L2, GATHER_SHARED, GATHER_CLUSTER
+
+
+def gathers_1x16() -> list[int]:
+    """The gather modes this GPU runs (GATHER_CLUSTER needs sm_90+)."""
+    return GATHERS_1X16 if torch.cuda.get_device_capability() >= (9, 0) else GATHERS_1X16[:3]
 
 
 def test_cuda_decode_1x16_plan() -> None:
-    from aqlm_ctx.kernels.cuda_kernels import GATHER_SHARED, _x_slots_1x16, plan_1x16
+    from aqlm_ctx.kernels.cuda_kernels import CLUSTER_1X16, GATHER_CLUSTER, GATHER_SHARED, _x_slots_1x16, plan_1x16
 
     for tokens in (1, 7, 16, 32):
         for out_f, groups in ((4096, 512), (8192, 3584), (28672, 1024), (300, 80), (16, 8)):
-            for gather in (-1, 0, 1, 2):
+            for gather in (-1, 0, 1, 2, 3):
                 for splits in (0, 1, 3):
                     p = plan_1x16(tokens, out_f, groups, 132, splits=splits, gather=gather)
+                    tiles = p.splits * -(-out_f // (16 * p.warps))
                     assert p.groups_per_split % 32 == 0 and p.window_groups % 32 == 0
                     assert 0 < p.window_groups <= p.groups_per_split
                     assert p.splits == -(-groups // p.groups_per_split) and (p.splits - 1) * p.groups_per_split < groups
-                    assert 1 <= p.grid <= p.splits * -(-out_f // (16 * p.warps)) and 1 <= p.warps <= 16
-                    assert 0 <= p.carveout <= 100
-                    if gather == GATHER_SHARED:
+                    assert 1 <= p.warps <= 16 and 0 <= p.carveout <= 100
+                    if gather in (GATHER_SHARED, GATHER_CLUSTER):
                         assert p.cache_entries > 0 and p.grid <= 132
                         assert (p.cache_entries + tokens * _x_slots_1x16(p.window_groups)) * 16 + 1024 <= 227 * 1024
                     else:
                         assert p.cache_entries == 0 and p.grid <= 132 * 16 // p.warps
+                    if gather == GATHER_CLUSTER:  # whole clusters, at most one with no tile
+                        assert p.grid % CLUSTER_1X16 == 0 and p.grid < tiles + CLUSTER_1X16
+                        assert p.cache_entries * CLUSTER_1X16 <= 65536
+                    else:
+                        assert 1 <= p.grid <= tiles
+                    capped = plan_1x16(tokens, out_f, groups, 132, splits, gather, 0, 227 * 1024, 228 * 1024, 1000)
+                    assert capped.cache_entries == (768 if gather in (GATHER_SHARED, GATHER_CLUSTER) else 0)
     assert _x_slots_1x16(32) % 8 == 4 and _x_slots_1x16(896) >= 896 * 9 // 8
+    # The default gather mode: the cluster's shared-memory copies for few tokens on the largest layers, where sm_90+.
+    for tokens, out_f, groups, clusters, gather in (
+        (1, 8192, 3584, True, GATHER_CLUSTER),
+        (4, 28672, 1024, True, GATHER_CLUSTER),
+        (5, 28672, 1024, True, 0),
+        (1, 8192, 1024, True, 0),
+        (1, 8192, 3584, False, 0),
+    ):
+        assert plan_1x16(tokens, out_f, groups, 132, clusters=clusters).gather == gather
 
 
 def test_cuda_decode_1x16_declines_cpu_tensors() -> None:
@@ -522,12 +543,17 @@ def test_cuda_decode_1x16_matches_reference(dtype_name: str, tokens: int, with_b
     low, high = cuda_kernels.DECODE_1X16_TOKEN_RANGE
     assert cuda_kernels.supports_1x16(x, codes, codebooks, scales, bias) == (low <= tokens <= high)
     ref = decode_reference(x, codes, codebooks, scales, bias)
-    for gather in GATHERS_1X16:
+    for gather in gathers_1x16():
         for splits in (0, 1, 3):
             for warps in (0, 4):
                 out = cuda_kernels.launch_1x16(x, codes, codebooks, scales, bias, splits, gather, warps)
                 assert out.shape == (tokens, out_features) and out.dtype == dtype
                 assert rel_err(out, ref) < TOLERANCE[dtype], (gather, splits, warps)
+    # Small shared-memory caches: entries from this CTA's copy, the other cluster CTA's copy and global memory.
+    for gather in gathers_1x16()[2:]:
+        for entries in (256, 4096):
+            out = cuda_kernels.launch_1x16(x, codes, codebooks, scales, bias, 0, gather, 0, entries)
+            assert rel_err(out, ref) < TOLERANCE[dtype], (gather, entries)
     assert rel_err(cuda_kernels.matmul_1x16(x, codes, codebooks, scales, bias), ref) < TOLERANCE[dtype]
     assert (
         rel_err(
@@ -548,7 +574,8 @@ def test_cuda_decode_1x16_windows_splits_and_persistent_ctas(tokens: int) -> Non
     bias = torch.randn(8192, device="cuda", dtype=torch.float16)
     x = torch.randn(tokens, 8192, device="cuda", dtype=torch.float16)
     ref = decode_reference(x, codes, codebooks, scales, bias)
-    for gather, warps, splits in ((0, 8, 1), (0, 4, 8), (1, 8, 5), (2, 16, 8)):
+    cases = [(0, 8, 1), (0, 4, 8), (1, 8, 5), (2, 16, 8), (3, 16, 8), (3, 8, 1)]
+    for gather, warps, splits in (c for c in cases if c[0] in gathers_1x16()):
         outs = [cuda_kernels.launch_1x16(x, codes, codebooks, scales, bias, splits, gather, warps) for _ in range(10)]
         assert rel_err(outs[0], ref) < TOLERANCE[torch.float16], (gather, warps, splits)
         assert all(torch.equal(o, outs[0]) for o in outs[1:]), (gather, warps, splits)

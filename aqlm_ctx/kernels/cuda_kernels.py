@@ -123,12 +123,17 @@ DEQUANTIZED_TOKEN_RANGES: dict[tuple[int, int], tuple[int, int]] = {
 # than stock) and on Llama-2-7B's linears as a whole; but this kernel's launch costs ~50 us less host time per call
 # than Triton's, which is what bounds eager decoding, so it takes 1 token too. supports_1x16() declines outside it.
 DECODE_1X16_TOKEN_RANGE = (1, 32)
-# How it reads codebook entries (Gather1x16 in csrc/aqlm_decode.h): through L1, from L2 only, or the first entries
-# from a copy in shared memory (as many as fit) and the rest from L2. All three ran at about the same rate on an H100
-# (within 2-5%, L1 best or close to best except 1 token on the largest layers); the others stay for the sweep
-# (benchmarks/kernels.py --tune-cuda --formats 1x16).
-GATHER_L1, GATHER_L2, GATHER_SHARED = 0, 1, 2
-GATHER_1X16 = GATHER_L1  # the planner's default
+# How it reads codebook entries (Gather1x16 in csrc/aqlm_decode.h): through L1, from L2 only, the first entries from
+# a copy in shared memory (as many as fit) and the rest from L2, or (sm_90+) the first 2 x ~14 K entries from the
+# shared memory of a two-CTA cluster and the rest through L1. The first three ran at about the same rate on an H100
+# (within 2-5%, L1 best or close to best); the cluster's copies take ~40% of the reads off L2 and made 1-4 tokens on
+# layers of at least CLUSTER_1X16_MIN_GROUPS codes 6-16% faster (8192x28672 at 1 token 235 -> 203 us), but their
+# staging costs a few us and they lost on smaller layers and from 8 tokens on (BENCHMARKS.md, "1x16 decode").
+GATHER_L1, GATHER_L2, GATHER_SHARED, GATHER_CLUSTER = 0, 1, 2, 3
+GATHER_1X16 = GATHER_L1  # the planner's default, except where it clusters
+CLUSTER_1X16 = 2  # kCluster1x16 in csrc/aqlm_decode.h: CTAs per cluster with GATHER_CLUSTER
+CLUSTER_1X16_TOKENS = 4
+CLUSTER_1X16_MIN_GROUPS = 1 << 24
 WARPS_1X16 = 8  # warps per CTA (16 output rows each) unless GATHER_SHARED (16 warps, one CTA per SM)
 MAX_WARPS_1X16 = 16  # kMaxWarps1x16 in csrc/aqlm_decode.h
 X_WINDOW_BYTES_1X16 = 16 * 1024  # shared memory for x per CTA (8 KiB with GATHER_SHARED, where the rest is codebook)
@@ -524,23 +529,30 @@ def plan_1x16(
     warps: int = 0,
     shared_per_cta: int = 227 * 1024,
     shared_per_sm: int = 228 * 1024,
+    max_entries: int = 0,
+    clusters: bool = False,
 ) -> Plan1x16:
-    """Launch shape of the 1x16 kernel. ``gather`` (default :data:`GATHER_1X16`) and ``warps`` (default
-    :data:`WARPS_1X16`, 16 with ``GATHER_SHARED``) unless given; CTAs hold up to 128 registers a thread, so
-    ``16 // warps`` of them fit an SM (one with ``GATHER_SHARED``), and the grid is that many per SM, persistent.
+    """Launch shape of the 1x16 kernel. ``gather`` and ``warps`` (default :data:`WARPS_1X16`, 16 with
+    ``GATHER_SHARED`` or ``GATHER_CLUSTER``) unless given; ``gather`` defaults to ``GATHER_CLUSTER`` with ``clusters``
+    (sm_90+) for at most :data:`CLUSTER_1X16_TOKENS` tokens on layers of at least :data:`CLUSTER_1X16_MIN_GROUPS`
+    codes, else :data:`GATHER_1X16`. CTAs hold up to 128 registers a thread, so ``16 // warps`` of them fit an SM
+    (one with a shared-memory cache), and the grid is that many per SM, persistent (whole clusters).
     Unless ``splits`` is given, there is no split-K when the row blocks alone give every SM a CTA (measured best at
     16 and 32 tokens on 28672x8192, where the fp32 partials cost most); otherwise the split-K count minimises the
     busiest SM's work, ``ceil(tiles / sm_count)`` tiles of ``groups_per_split / 32 + TILE_OVERHEAD_STEPS``
     supersteps, up to half as much again when the tiles leave CTA slots empty (fewer warps to overlap the codebook
     reads). The x window is the largest within
-    :data:`X_WINDOW_BYTES_1X16` (8 KiB with ``GATHER_SHARED``, which caches as many codebook entries as then fit in
-    ``shared_per_cta``).
+    :data:`X_WINDOW_BYTES_1X16` (8 KiB with a shared-memory cache, which holds as many codebook entries as then fit
+    in ``shared_per_cta``, at most ``max_entries`` if given).
 
     Example:
         >>> plan_1x16(1, 8192, 3584, 132)  # doctest: +SKIP
     """
-    gather = GATHER_1X16 if gather < 0 else gather
-    shared = gather == GATHER_SHARED
+    if gather < 0:
+        large = out_features * groups >= CLUSTER_1X16_MIN_GROUPS
+        gather = GATHER_CLUSTER if clusters and large and tokens <= CLUSTER_1X16_TOKENS else GATHER_1X16
+    clustered = gather == GATHER_CLUSTER
+    shared = gather == GATHER_SHARED or clustered
     if warps <= 0:
         warps = MAX_WARPS_1X16 if shared else WARPS_1X16
     ctas_per_sm = 1 if shared else max(1, MAX_WARPS_1X16 // warps)
@@ -565,10 +577,13 @@ def plan_1x16(
     cache_entries = 0
     carveout = 100
     if shared:
-        cache_entries = min(65536, max(0, (shared_per_cta - x_bytes - 1024) // 16 // 256 * 256))
+        cache_entries = min(65536 // (CLUSTER_1X16 if clustered else 1), (shared_per_cta - x_bytes - 1024) // 16)
+        cache_entries = max(0, min(cache_entries, max_entries or cache_entries) // 256 * 256)
     else:
         carveout = min(100, -(-ctas_per_sm * (x_bytes + 1024) * 100 // shared_per_sm))
     grid = min(row_blocks * splits, slots)
+    if clustered:  # whole clusters
+        grid = max(CLUSTER_1X16, min(-(-grid // CLUSTER_1X16), slots // CLUSTER_1X16) * CLUSTER_1X16)
     return Plan1x16(splits, groups_per_split, window, warps, grid, gather, cache_entries, carveout)
 
 
@@ -590,9 +605,10 @@ def launch_1x16(
     splits: int = 0,
     gather: int = -1,
     warps: int = 0,
+    max_entries: int = 0,
 ) -> torch.Tensor:
-    """``input @ W.T + bias`` with the 1x16 CUDA decode kernel (``splits``, ``gather``, ``warps`` force the plan:
-    :func:`plan_1x16`).
+    """``input @ W.T + bias`` with the 1x16 CUDA decode kernel (``splits``, ``gather``, ``warps``, ``max_entries``
+    force the plan: :func:`plan_1x16`).
 
     Raises:
         RuntimeError: the extension cannot be built here.
@@ -605,7 +621,8 @@ def launch_1x16(
     def run(module: ModuleType, x: torch.Tensor, *layer: torch.Tensor | None) -> torch.Tensor:
         index = _index(x.device)
         out_features, groups, _ = codes.shape
-        p = plan_1x16(x.shape[0], out_features, groups, _sm_count(index), splits, gather, warps, *_shared_memory(index))
+        sm_count, shared, clusters = _sm_count(index), _shared_memory(index), _clusters(index)
+        p = plan_1x16(x.shape[0], out_features, groups, sm_count, splits, gather, warps, *shared, max_entries, clusters)
         return module.decode_1x16(
             x,
             *layer,

@@ -137,8 +137,9 @@ torch::Tensor decode(const torch::Tensor& x, const torch::Tensor& codes, const t
   return y;
 }
 
-// 1x16: `warps` per CTA (rows 16 x warps), `grid` persistent CTAs over row blocks x splits, `gather` a Gather1x16
-// with `cache_entries` for kGatherShared, `carveout` the shared-memory share of L1 in percent.
+// 1x16: `warps` per CTA (rows 16 x warps), `grid` persistent CTAs over row blocks x splits (kGatherCluster: rounded up
+// to whole clusters), `gather` a Gather1x16 with `cache_entries` per CTA for kGatherShared / kGatherCluster,
+// `carveout` the shared-memory share of L1 in percent.
 torch::Tensor decode_1x16(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
                           const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
                           const torch::Tensor& counters, int64_t splits, int64_t groups_per_split,
@@ -155,10 +156,13 @@ torch::Tensor decode_1x16(const torch::Tensor& x, const torch::Tensor& codes, co
   TORCH_CHECK(groups_per_split % 32 == 0 && window_groups % 32 == 0 && window_groups > 0, "bad plan");
   TORCH_CHECK(splits == (codes.size(1) + groups_per_split - 1) / groups_per_split, "bad plan");
   TORCH_CHECK(grid >= 1 && carveout >= 0 && carveout <= 100, "bad plan");
-  TORCH_CHECK(gather == aqlm_ctx::kGatherL1 || gather == aqlm_ctx::kGatherL2 || gather == aqlm_ctx::kGatherShared,
-              "gather mode 0, 1 or 2");
-  TORCH_CHECK(cache_entries >= 0 && cache_entries <= 65536 && (gather == aqlm_ctx::kGatherShared || cache_entries == 0),
-              "codebook cache entries only with gather mode 2");
+  TORCH_CHECK(gather >= aqlm_ctx::kGatherL1 && gather <= aqlm_ctx::kGatherCluster, "gather mode 0 to 3");
+  const bool cluster = gather == aqlm_ctx::kGatherCluster;
+  const bool cached = gather == aqlm_ctx::kGatherShared || cluster;
+  TORCH_CHECK(cached ? cache_entries >= (cluster ? 1 : 0) && cache_entries * (cluster ? aqlm_ctx::kCluster1x16 : 1) <= 65536
+                     : cache_entries == 0,
+              "codebook cache entries: up to 65536 in all with gather modes 2 and 3 (at least 1 with 3), none otherwise");
+  TORCH_CHECK(!cluster || at::cuda::getDeviceProperties(x.get_device())->major >= 9, "gather mode 3 needs sm_90+");
 
   const c10::cuda::CUDAGuard guard(x.device());
   auto [y, workspace] = outputs(x, out_features, splits);
@@ -168,10 +172,11 @@ torch::Tensor decode_1x16(const torch::Tensor& x, const torch::Tensor& codes, co
   p.rows_per_cta = static_cast<int>(16 * warps);
   p.tiles = static_cast<int>(row_blocks * splits);
   p.cache_entries = static_cast<int>(cache_entries);
-  const cudaError_t err =
-      aqlm_ctx::decode_1x16_launch(p, static_cast<int>(gather), x.scalar_type() == at::kBFloat16,
-                                   static_cast<int>(std::min<int64_t>(grid, p.tiles)), static_cast<int>(carveout),
-                                   c10::cuda::getCurrentCUDAStream());
+  int64_t ctas = std::min<int64_t>(grid, p.tiles);
+  if (cluster) ctas = (ctas + aqlm_ctx::kCluster1x16 - 1) / aqlm_ctx::kCluster1x16 * aqlm_ctx::kCluster1x16;
+  const cudaError_t err = aqlm_ctx::decode_1x16_launch(p, static_cast<int>(gather), x.scalar_type() == at::kBFloat16,
+                                                       static_cast<int>(ctas), static_cast<int>(carveout),
+                                                       c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "aqlm_ctx 1x16 decode kernel: ", cudaGetErrorString(err));
   return y;
 }

@@ -33,6 +33,23 @@ __device__ __forceinline__ uint4 load_stream(const uint8_t* ptr) {
   return v;
 }
 
+// A barrier of every thread of the thread-block cluster; shared-memory writes before it are visible to the cluster's
+// CTAs after it (sm_90+; a no-op below).
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+// This CTA's rank in its thread-block cluster (sm_90+; 0 below).
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+#endif
+  return rank;
+}
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -155,9 +172,8 @@ __device__ __forceinline__ void cluster_store_output(const DecodeParams& p, cons
       }
     }
   }
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-  uint32_t rank;
-  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  cluster_sync();
+  const uint32_t rank = cluster_rank();
   scalar_t* y = static_cast<scalar_t*>(p.y);
   const int outputs = p.tokens * kRowsPerCta;
   const int share = (outputs + p.cluster - 1) / p.cluster;
@@ -184,7 +200,7 @@ __device__ __forceinline__ void cluster_store_output(const DecodeParams& p, cons
       y[static_cast<int64_t>(i / kRowsPerCta) * p.out_features + row] = scale_and_shift<scalar_t>(p, row, sum);
     }
   }
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  cluster_sync();
 #endif
 }
 
@@ -360,12 +376,29 @@ cudaError_t launch_tokens(const DecodeParams& p, cudaStream_t stream) {
 // are mma.m16n8k16 A operands exactly as in decode_kernel, x comes from the same padded shared window, and the
 // epilogue is store_output. CTAs are persistent: the grid loops over (row block, split) tiles.
 
+// Codebook entry `code`: from `codebook` in global memory, or (kGatherShared) from this CTA's shared-memory copy of
+// entries [0, cache_entries) at `sh_codebook`, or (kGatherCluster) from the copy of entries
+// [r, r + 1) x cache_entries at `sh_codebook` in the shared memory of cluster CTA r (`magic` = ceil(2^32 /
+// cache_entries), so that r = umulhi(code, magic) for every code < 65536).
 template <int kGather>
 __device__ __forceinline__ uint4 gather_1x16(const char* codebook, uint32_t sh_codebook, uint32_t code,
-                                             uint32_t cache_entries) {
+                                             uint32_t cache_entries, uint32_t magic) {
   const char* ptr = codebook + code * 16u;
   uint4 v;
-  if constexpr (kGather == kGatherL1) {
+  if constexpr (kGather == kGatherCluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const uint32_t owner = __umulhi(code, magic);
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t.reg .b32 r;\n\tsetp.lt.u32 p, %4, %5;\n\t@p mapa.shared::cluster.u32 r, %6, %7;\n\t"
+        "@p ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [r];\n\t@!p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%8];\n\t}"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "r"(code), "r"(cache_entries * kCluster1x16), "r"(sh_codebook + (code - owner * cache_entries) * 16u),
+          "r"(owner), "l"(ptr));
+#else
+    v = make_uint4(0, 0, 0, 0);
+    __trap();  // the binding refuses kGatherCluster below sm_90
+#endif
+  } else if constexpr (kGather == kGatherL1) {
     asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(ptr));
@@ -390,7 +423,8 @@ __global__ void __launch_bounds__(kMaxWarps1x16 * 32) decode_1x16_kernel(const D
   constexpr int kSuper = 4 * kGroupsPerLoad;  // groups one warp covers per superstep (4 quads x one load)
   constexpr int kBatch = kGroupsPerLoad / 2;  // groups per batch of codebook reads (x 2 rows)
   extern __shared__ uint4 smem[];
-  uint4* sh_x = smem + (kGather == kGatherShared ? p.cache_entries : 0);
+  constexpr bool kCached = kGather == kGatherShared || kGather == kGatherCluster;
+  uint4* sh_x = smem + (kCached ? p.cache_entries : 0);
   __shared__ int sh_last;
 
   const int tid = threadIdx.x;
@@ -399,16 +433,21 @@ __global__ void __launch_bounds__(kMaxWarps1x16 * 32) decode_1x16_kernel(const D
   const int row_in_tile = lane / 4;
   const char* codebook = static_cast<const char*>(p.codebooks);
   const uint32_t sh_codebook = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t cache_entries = kGather == kGatherShared ? p.cache_entries : 0u;
+  const uint32_t cache_entries = kCached ? p.cache_entries : 0u;
+  const uint32_t magic =
+      kGather == kGatherCluster ? static_cast<uint32_t>((0x100000000ull + cache_entries - 1) / cache_entries) : 0u;
 
-  if constexpr (kGather == kGatherShared) {
+  if constexpr (kCached) {
+    uint32_t first = 0;  // this CTA's first cached entry
+    if constexpr (kGather == kGatherCluster) first = cluster_rank() * cache_entries;
     for (int i = tid; i < p.cache_entries; i += blockDim.x) {
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sh_codebook + i * 16u),
-                   "l"(codebook + static_cast<int64_t>(i) * 16)
+                   "l"(codebook + (static_cast<int64_t>(first) + i) * 16)
                    : "memory");
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
+    if constexpr (kGather == kGatherCluster) cluster_sync();  // every CTA's copy is in place
   }
 
   const int row_blocks = (p.out_features + p.rows_per_cta - 1) / p.rows_per_cta;
@@ -451,7 +490,7 @@ __global__ void __launch_bounds__(kMaxWarps1x16 * 32) decode_1x16_kernel(const D
         for (int s = 0; s < kBatch; ++s) {
           const int k = kBatch * half + s;
           const uint32_t code = (word(codes[h], k / 2) >> (16 * (k % 2))) & 0xffffu;
-          dst[h][s] = gather_1x16<kGather>(codebook, sh_codebook, code, cache_entries);
+          dst[h][s] = gather_1x16<kGather>(codebook, sh_codebook, code, cache_entries, magic);
         }
       }
     };
@@ -495,12 +534,13 @@ __global__ void __launch_bounds__(kMaxWarps1x16 * 32) decode_1x16_kernel(const D
     });
     store_output<scalar_t, 1, NT>(p, acc, row_base, quad, block, split, p.splits, p.rows_per_cta, sh_last);
   }
+  if constexpr (kGather == kGatherCluster) cluster_sync();  // no CTA leaves while others may read its copy
 }
 
 template <int NT, bool kBf16, int kGather>
 cudaError_t launch_1x16(const DecodeParams& p, int grid, int carveout, cudaStream_t stream) {
   return launch_kernel(decode_1x16_kernel<NT, kBf16, kGather>, dim3(grid), p.rows_per_cta / 16 * 32,
-                       decode_1x16_smem_bytes(p), stream, p, carveout);
+                       decode_1x16_smem_bytes(p), stream, p, carveout, kGather == kGatherCluster ? kCluster1x16 : 1);
 }
 
 template <bool kBf16, int kGather>
@@ -516,6 +556,7 @@ cudaError_t launch_1x16_gather(const DecodeParams& p, int gather, int grid, int 
   if (gather == kGatherL1) return launch_1x16_tokens<kBf16, kGatherL1>(p, grid, carveout, stream);
   if (gather == kGatherL2) return launch_1x16_tokens<kBf16, kGatherL2>(p, grid, carveout, stream);
   if (gather == kGatherShared) return launch_1x16_tokens<kBf16, kGatherShared>(p, grid, carveout, stream);
+  if (gather == kGatherCluster) return launch_1x16_tokens<kBf16, kGatherCluster>(p, grid, carveout, stream);
   return cudaErrorInvalidValue;
 }
 

@@ -17,9 +17,13 @@ constexpr int kRowsPerCta = kWarps * kRowsPerWarp;  // output rows one CTA owns 
 constexpr int kMaxWarps1x16 = 16;                // the 1x16 kernel: one m16 row tile per warp, 4 to 16 warps per CTA
 constexpr int kMaxCluster = 8;                   // the most CTAs of a (portable) thread-block cluster
 
-// How the 1x16 kernel reads codebook entries: through L1 (ld.global.nc), from L2 only (ld.global.cg), or the first
-// cache_entries from a shared-memory copy and the rest from L2.
-enum Gather1x16 : int { kGatherL1 = 0, kGatherL2 = 1, kGatherShared = 2 };
+constexpr int kCluster1x16 = 2;                  // CTAs of a thread-block cluster in the 1x16 kernel's kGatherCluster
+
+// How the 1x16 kernel reads codebook entries: through L1 (ld.global.nc), from L2 only (ld.global.cg), the first
+// cache_entries from a shared-memory copy and the rest from L2, or (sm_90+) the first kCluster1x16 x cache_entries
+// from the shared memory of a thread-block cluster's CTAs (CTA r holds entries [r, r + 1) x cache_entries, read
+// through distributed shared memory) and the rest through L1.
+enum Gather1x16 : int { kGatherL1 = 0, kGatherL2 = 1, kGatherShared = 2, kGatherCluster = 3 };
 
 // splits (LayerParams): the most CTAs that share a row block, i.e. the workspace's partial slots (none when clustered).
 struct DecodeParams : LayerParams {
@@ -30,7 +34,7 @@ struct DecodeParams : LayerParams {
   int cluster;            // 2x8 / 1x8 split-K: 1, or `splits` when a row block's CTAs form one thread-block cluster
   // 1x16 only:
   int rows_per_cta;       // 16 x warps per CTA
-  int cache_entries;      // kGatherShared: codebook entries [0, cache_entries) staged in shared memory
+  int cache_entries;      // kGatherShared / kGatherCluster: codebook entries each CTA stages in shared memory
 };
 
 // Shared-memory stride between tokens (16-byte slots) for a window: 9 slots per 8 groups, padded so that the
@@ -53,7 +57,7 @@ inline int decode_smem_bytes(int num_codebooks, const DecodeParams& p) {
 // Returns the CUDA error of the launch.
 cudaError_t decode_launch(const DecodeParams& p, int num_codebooks, bool bf16, cudaStream_t stream);
 
-// Shared-memory bytes of a 1x16 launch: the codebook cache (kGatherShared), then the x window.
+// Shared-memory bytes of a 1x16 launch: the codebook cache (kGatherShared, kGatherCluster), then the x window.
 inline int decode_1x16_smem_bytes(const DecodeParams& p) { return (p.cache_entries + p.tokens * p.x_slots) * 16; }
 
 // Launches the 1x16 kernel (one codebook of 65536 entries) with `grid` persistent CTAs of p.rows_per_cta / 16 warps,
