@@ -279,6 +279,7 @@ def test_cuda_decode_plan() -> None:
         CTAS_PER_SM,
         MAX_CLUSTER,
         ROWS_PER_CTA,
+        SUM_KERNEL_TOKENS,
         X_WINDOW_BYTES,
         plan,
     )
@@ -288,9 +289,9 @@ def test_cuda_decode_plan() -> None:
             superstep = 64 // c
             row_blocks = -(-out_f // ROWS_PER_CTA)
             units = row_blocks * -(-groups // superstep)
-            ctas, per_split, window, cluster = plan(tokens, out_f, groups, c, 132)
+            ctas, per_split, window, cluster, sum_kernel = plan(tokens, out_f, groups, c, 132)
             assert window % superstep == 0 and (window == superstep or tokens * window * 18 <= X_WINDOW_BYTES)
-            assert cluster == 1
+            assert cluster == 1 and sum_kernel == (tokens >= SUM_KERNEL_TOKENS)
             if per_split:  # split-K: whole row blocks' splits
                 assert per_split % superstep == 0 and ctas == row_blocks * -(-groups // per_split)
                 assert 0 < window <= per_split
@@ -307,13 +308,14 @@ def test_cuda_decode_plan() -> None:
                 count = -(-groups // clustered.groups_per_split)
                 assert count <= CLUSTER_SPLITS and clustered.ctas == row_blocks * count
                 assert clustered.cluster == (count if count > 1 else 1)
+                assert clustered.sum_kernel == (clustered.cluster == 1)  # a cluster sums its own partials
             else:
-                assert clustered == (ctas, per_split, window, 1)
+                assert clustered == (ctas, per_split, window, 1, sum_kernel)
             many = plan(tokens, out_f, groups, c, 132, splits=MAX_CLUSTER + 1, clusters=True)
             assert many.cluster == (1 if many.ctas > MAX_CLUSTER * row_blocks else many.ctas // row_blocks)
     assert plan(1, 28672, 1024, 2, 132).groups_per_split == 0  # 112 row blocks: split-K leaves SMs half used
     assert plan(1, 8192, 3584, 2, 132).groups_per_split > 0  # 32 row blocks x 8 splits fill 256 of 264 slots
-    assert plan(16, 4096, 512, 2, 132, clusters=True) == (96, 96, 96, 6)  # 16 row blocks x 6 splits, one cluster each
+    assert plan(16, 4096, 512, 2, 132, clusters=True) == (96, 96, 96, 6, False)  # 16 row blocks x 6 splits, clusters
     assert plan(16, 8192, 3584, 2, 132, clusters=True).cluster == 1  # long splits: the workspace sum measured faster
     assert plan(16, 14336, 512, 2, 132, clusters=True).cluster == 1  # 56 row blocks: 3 splits a cluster, too few
     assert plan(16, 11008, 512, 2, 132, clusters=True).cluster == 4  # 43 row blocks: 4 splits
@@ -364,6 +366,13 @@ def test_cuda_decode_large_layer_windows_and_splits(fmt: str, tokens: int) -> No
         outs = [cuda_kernels.launch(x, codes, codebooks, scales, bias, **grid) for _ in range(10)]
         assert rel_err(outs[0], ref) < TOLERANCE[torch.float16], grid
         assert all(torch.equal(o, outs[0]) for o in outs[1:]), grid
+        # The workspace's partials summed by a second kernel or by the last CTA of each row block: the same sums, and
+        # (split-K) the same as a cluster's.
+        by_kernel, by_last_cta = (
+            cuda_kernels.launch(x, codes, codebooks, scales, bias, clusters=False, sum_kernel=summed, **grid)
+            for summed in (True, False)
+        )
+        assert torch.equal(by_kernel, by_last_cta) and torch.equal(by_kernel, outs[0]), grid
 
 
 @requires_cuda

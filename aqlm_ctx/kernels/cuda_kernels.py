@@ -89,6 +89,10 @@ MAX_CLUSTER = 8  # kMaxCluster in csrc/aqlm_decode.h: the most CTAs of a portabl
 CLUSTER_TOKENS = (9, 32)
 CLUSTER_MAX_GROUPS = 11008 // 8
 CLUSTER_SPLITS = 6
+# From this many tokens on, partials that no cluster sums are summed by a second kernel, one thread per output, instead
+# of by the last CTA of each row block, which alone sums tokens x 256 outputs at the end of the decode kernel (H100, 16
+# tokens, 8192x28672: 2x8 71.6 -> 63.9 us, 1x8 53.8 -> 46.5; BENCHMARKS.md, "GPU kernels", eighth session).
+SUM_KERNEL_TOKENS = 9
 MAX_COUNTERS = 1 << 16
 PREFILL_ROWS = 128  # kPrefillRows in csrc/aqlm_prefill.h
 PREFILL_TILES = (64, 128, 256)  # token tiles of the prefill kernel
@@ -365,12 +369,14 @@ def supports_dequantized(
 class Plan(NamedTuple):
     """Launch shape of the 2x8 / 1x8 decode kernel: CTAs, input groups per split (split-K; 0: stream-K), groups of x
     staged in shared memory at a time, CTAs per thread-block cluster (split-K: a row block's splits sum their partials
-    through distributed shared memory; 1: through the workspace)."""
+    through distributed shared memory; 1: through the workspace), and whether a second kernel sums the workspace's
+    partials (else the last CTA of each row block)."""
 
     ctas: int
     groups_per_split: int
     window_groups: int
     cluster: int = 1
+    sum_kernel: bool = False
 
 
 @functools.lru_cache(maxsize=4096)  # called on every decode launch; pure function of its arguments
@@ -391,6 +397,7 @@ def plan(
     The x window is the largest within :data:`X_WINDOW_BYTES`, at most one CTA's share. With ``clusters`` (sm_90+),
     a row block's splits form one thread-block cluster when there are 2 to :data:`MAX_CLUSTER` of them: forced by
     ``splits``, or planned as :data:`CLUSTER_TOKENS` and :data:`CLUSTER_SPLITS` say where split-K is the plan.
+    Unclustered partials are summed by a second kernel from :data:`SUM_KERNEL_TOKENS` tokens on.
 
     Example:
         >>> plan(1, 28672, 1024, 2, 132)  # 112 row blocks: split-K would give 2 CTAs of 16 supersteps per row block
@@ -404,8 +411,9 @@ def plan(
     stream_ctas = max(1, min(ctas if ctas > 0 else CTAS_PER_SM * sm_count, units))
     split_count = splits if splits > 0 else round(CTAS_PER_SM * sm_count / row_blocks)
     split_steps = -(-steps // max(1, min(split_count, steps)))
+    sum_kernel = tokens >= SUM_KERNEL_TOKENS
     if ctas > 0 or (splits <= 0 and -(-units // stream_ctas) < split_steps):
-        return Plan(stream_ctas, 0, min(window, -(-units // stream_ctas) * superstep))
+        return Plan(stream_ctas, 0, min(window, -(-units // stream_ctas) * superstep), 1, sum_kernel)
     low, high = CLUSTER_TOKENS
     cluster_splits = min(CLUSTER_SPLITS, sm_count // row_blocks + 1)
     planned = splits <= 0 and low <= tokens <= high and groups <= CLUSTER_MAX_GROUPS and cluster_splits >= 4
@@ -413,7 +421,8 @@ def plan(
         split_steps = -(-steps // min(cluster_splits, steps))
     count = -(-steps // split_steps)
     cluster = count if clusters and (planned or splits > 0) and 1 < count <= MAX_CLUSTER else 1
-    return Plan(row_blocks * count, split_steps * superstep, min(window, split_steps * superstep), cluster)
+    per_split = split_steps * superstep
+    return Plan(row_blocks * count, per_split, min(window, per_split), cluster, sum_kernel and cluster == 1)
 
 
 def _counters(device: torch.device) -> torch.Tensor:
@@ -475,10 +484,11 @@ def launch(
     splits: int = 0,
     ctas: int = 0,
     clusters: bool | None = None,
+    sum_kernel: bool | None = None,
 ) -> torch.Tensor:
     """``input @ W.T + bias`` with the 2x8 / 1x8 CUDA decode kernel (``splits`` CTAs per row block or ``ctas`` in all
-    force the grid, ``clusters`` whether split-K CTAs form thread-block clusters, by default where the GPU can:
-    :func:`plan`).
+    force the grid, ``clusters`` whether split-K CTAs form thread-block clusters, by default where the GPU can,
+    ``sum_kernel`` whether a second kernel sums the partials: :func:`plan`).
 
     Raises:
         RuntimeError: the extension cannot be built here.
@@ -493,7 +503,10 @@ def launch(
         index = _index(x.device)
         cluster = _clusters(index) if clusters is None else clusters and _clusters(index)
         p = plan(x.shape[0], out_features, groups, num_codebooks, _sm_count(index), splits, ctas, cluster)
-        return module.decode(x, *layer, _counters(x.device), p.ctas, p.groups_per_split, p.window_groups, p.cluster)
+        summed = p.sum_kernel if sum_kernel is None else sum_kernel
+        return module.decode(
+            x, *layer, _counters(x.device), p.ctas, p.groups_per_split, p.window_groups, p.cluster, summed
+        )
 
     return _launch(run, input, codes, codebooks, scales, bias, MAX_TOKENS)
 

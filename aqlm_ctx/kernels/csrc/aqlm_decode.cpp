@@ -91,11 +91,12 @@ aqlm_ctx::DecodeParams decode_params(const torch::Tensor& x, const torch::Tensor
 // 2x8 / 1x8: with `groups_per_split` > 0, split-K: `ctas` = row blocks x splits, each split that many groups of a
 // row block, its CTAs one thread-block cluster when `cluster` (= splits, 2 to kMaxCluster; sm_90+) and otherwise
 // summed through the workspace; with 0, a stream-K grid of `ctas` CTAs over the row blocks' supersteps (see
-// decode_kernel). `window_groups` of x are staged in shared memory at a time.
+// decode_kernel). `window_groups` of x are staged in shared memory at a time. With `sum_kernel`, partials in the
+// workspace are summed by a second kernel rather than by the last CTA of each row block.
 torch::Tensor decode(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
                      const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
                      const torch::Tensor& counters, int64_t ctas, int64_t groups_per_split, int64_t window_groups,
-                     int64_t cluster) {
+                     int64_t cluster, bool sum_kernel) {
   const int num_codebooks = static_cast<int>(codebooks.size(0));
   TORCH_CHECK(num_codebooks == 1 || num_codebooks == 2, "1 or 2 codebooks");
   check_layer(x, codes, codebooks, scales, bias, 256, 1);
@@ -131,6 +132,7 @@ torch::Tensor decode(const torch::Tensor& x, const torch::Tensor& codes, const t
   p.x_slots = aqlm_ctx::decode_x_slots(16 / num_codebooks, p.window_groups);
   p.tiles = static_cast<int>(ctas);
   p.cluster = static_cast<int>(cluster);
+  p.sum_kernel = sum_kernel && cluster == 1 && partials > 1;
   const cudaError_t err = aqlm_ctx::decode_launch(p, num_codebooks, x.scalar_type() == at::kBFloat16,
                                                   c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "aqlm_ctx decode kernel: ", cudaGetErrorString(err));

@@ -16,7 +16,8 @@
 // * fp32 accumulation; scales and bias are applied in the epilogue. When a row block has several CTAs, each writes an
 //   fp32 partial, and the last to finish (a ticket counter that resets itself) sums the partials in a fixed order,
 //   so results are deterministic; or, when the plan makes a row block's split-K CTAs one thread-block cluster (sm_90+),
-//   they sum the partials together through distributed shared memory, in the same order (cluster_store_output).
+//   they sum the partials together through distributed shared memory, in the same order (cluster_store_output); or,
+//   from 9 tokens on, a second kernel sums them, one thread per output (reduce_splits_kernel).
 #include <type_traits>
 
 #include "aqlm_decode.h"
@@ -106,7 +107,8 @@ __device__ __forceinline__ void over_windows(uint4* sh_x, const DecodeParams& p,
 // The epilogue for kTiles m16 row tiles x NT token tiles of accumulators per thread (element i of tile (t, nt): row
 // row_base + 16 t + 8 (i / 2), token 8 nt + 2 quad + i % 2) of row block `block`. When this CTA is the row block's
 // only contributor (`partials` == 1) it writes y = acc * scale + bias; otherwise it writes its fp32 partial into
-// workspace slot `slot` of `partials`, and the last contributor sums them in slot order (sum_splits).
+// workspace slot `slot` of `partials`, and the last contributor sums them in slot order (sum_splits), unless
+// p.sum_kernel says that reduce_splits_kernel sums them after this kernel.
 // Every thread of the CTA calls it (it has barriers when splitting).
 template <typename scalar_t, int kTiles, int NT>
 __device__ __forceinline__ void store_output(const DecodeParams& p, const float (&acc)[kTiles][NT][4], int row_base,
@@ -147,8 +149,13 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const float 
       }
     }
   }
+  if (p.sum_kernel) return;
   sum_splits<scalar_t>(p, block, partials, block * rows_per_cta, rows_per_cta, 0, p.tokens, sh_last);
 }
+
+// Stream-K: the CTA, of `ctas`, that holds work unit `u` of `units` (CTA i holds units [i units / ctas, (i + 1) units /
+// ctas)).
+__device__ __forceinline__ int contributor(int u, int ctas, int units) { return ((u + 1) * ctas - 1) / units; }
 
 // Split-K through a thread-block cluster (p.cluster CTAs, one per split of row block `block`, cluster rank = split):
 // each CTA puts its fp32 partial for the block's kRowsPerCta rows x tokens into its own shared memory (over the x
@@ -232,7 +239,7 @@ __global__ void __launch_bounds__(kWarps * 32, kDecodeMinCtas<C, NT>) decode_ker
   // Work units are supersteps of one row block, numbered row block after row block. With split-K
   // (p.groups_per_split > 0) CTA i takes split i % p.splits of row block i / p.splits. Otherwise (stream-K) the
   // units are split evenly over the grid: CTA i takes units [i W / G, (i + 1) W / G), in segments of one row block
-  // each, and contributor(u) is the CTA holding unit u.
+  // each, and contributor(u, ...) is the CTA holding unit u.
   const int steps = (p.groups + kSuper - 1) / kSuper;
   const int units = (p.out_features + kRowsPerCta - 1) / kRowsPerCta * steps;  // units x CTAs < 2^31 (host check)
   const int ctas = static_cast<int>(gridDim.x);
@@ -246,7 +253,6 @@ __global__ void __launch_bounds__(kWarps * 32, kDecodeMinCtas<C, NT>) decode_ker
     u_begin = units * cta / ctas;
     u_end = units * (cta + 1) / ctas;
   }
-  auto contributor = [&](int u) { return ((u + 1) * ctas - 1) / units; };
 #pragma unroll 1
   for (int u = u_begin; u < u_end;) {
     const int block = u / steps;
@@ -342,8 +348,8 @@ __global__ void __launch_bounds__(kWarps * 32, kDecodeMinCtas<C, NT>) decode_ker
                                                         row_base - block * kRowsPerCta, quad, block);
       break;  // split-K: one row block per CTA
     }
-    const int first = split_steps > 0 ? block * p.splits : contributor(block * steps);
-    const int partials = split_steps > 0 ? p.splits : contributor((block + 1) * steps - 1) - first + 1;
+    const int first = split_steps > 0 ? block * p.splits : contributor(block * steps, ctas, units);
+    const int partials = split_steps > 0 ? p.splits : contributor((block + 1) * steps - 1, ctas, units) - first + 1;
     store_output<scalar_t, kTilesPerWarp, NT>(p, acc, row_base, quad, block, cta - first, partials, kRowsPerCta,
                                               sh_last);
     u = segment_end;
@@ -356,12 +362,49 @@ cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
                        -1, p.cluster);
 }
 
+// The split-K / stream-K sum as a kernel of its own, launched right after decode_kernel when p.sum_kernel: one
+// thread per output (token-major), which sums its row block's partials in slot order as sum_splits does, so the
+// results are the same. (From 9 tokens on, decode_kernel's last CTA per row block, alone summing tokens x
+// kRowsPerCta outputs, was the tail of large layers.)
+template <int C, bool kBf16>
+__global__ void __launch_bounds__(256) reduce_splits_kernel(const DecodeParams p) {
+  using scalar_t = Scalar<kBf16>;
+  const int64_t outputs = static_cast<int64_t>(p.tokens) * p.out_features;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= outputs) return;
+  const int row = static_cast<int>(i % p.out_features);
+  int partials = p.splits;
+  if (p.groups_per_split == 0) {  // stream-K: the row block's contributors
+    constexpr int kSuper = 64 / C;
+    const int block = row / kRowsPerCta;
+    const int steps = (p.groups + kSuper - 1) / kSuper;
+    const int units = (p.out_features + kRowsPerCta - 1) / kRowsPerCta * steps;
+    partials = contributor((block + 1) * steps - 1, p.tiles, units) - contributor(block * steps, p.tiles, units) + 1;
+  }
+  const float* src = p.workspace + i;
+  float sum = 0.0f;
+  for (int s0 = 0; s0 < partials; s0 += 8) {  // 8 loads in flight
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = s0 + k < partials ? __ldcg(src + (s0 + k) * outputs) : 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (s0 + k < partials) sum += v[k];
+    }
+  }
+  static_cast<scalar_t*>(p.y)[i] = scale_and_shift<scalar_t>(p, row, sum);
+}
+
 template <int C, bool kBf16>
 cudaError_t launch_tokens(const DecodeParams& p, cudaStream_t stream) {
-  if (p.tokens <= 8) return launch<C, 1, kBf16>(p, stream);
-  if (p.tokens <= 16) return launch<C, 2, kBf16>(p, stream);
-  if (p.tokens <= 32) return launch<C, 4, kBf16>(p, stream);
-  return cudaErrorInvalidValue;
+  const cudaError_t err = p.tokens <= 8    ? launch<C, 1, kBf16>(p, stream)
+                          : p.tokens <= 16 ? launch<C, 2, kBf16>(p, stream)
+                          : p.tokens <= 32 ? launch<C, 4, kBf16>(p, stream)
+                                           : cudaErrorInvalidValue;
+  if (err != cudaSuccess || !p.sum_kernel) return err;
+  const int64_t outputs = static_cast<int64_t>(p.tokens) * p.out_features;
+  reduce_splits_kernel<C, kBf16><<<static_cast<unsigned>((outputs + 255) / 256), 256, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 

@@ -32,6 +32,7 @@ struct DecodeParams : LayerParams {
   int tiles;              // 2x8 / 1x8: CTAs of the grid; 1x16: row blocks x splits, which the grid loops over
   int groups_per_split;   // split-K: groups per split, a multiple of the superstep; 2x8 / 1x8: 0 for stream-K
   int cluster;            // 2x8 / 1x8 split-K: 1, or `splits` when a row block's CTAs form one thread-block cluster
+  int sum_kernel;         // 2x8 / 1x8: 1 when reduce_splits_kernel sums the partials after the decode kernel (no tickets)
   // 1x16 only:
   int rows_per_cta;       // 16 x warps per CTA
   int cache_entries;      // kGatherShared / kGatherCluster: codebook entries each CTA stages in shared memory
@@ -53,8 +54,8 @@ inline int decode_smem_bytes(int num_codebooks, const DecodeParams& p) {
   return (num_codebooks * 256 * 8 + (p.tokens * p.x_slots > partials ? p.tokens * p.x_slots : partials)) * 16;
 }
 
-// Launches the kernel for (num_codebooks in {1, 2}) x (bf16 or fp16) x (token tiles of 8: 1, 2 or 4) on `stream`.
-// Returns the CUDA error of the launch.
+// Launches the kernel for (num_codebooks in {1, 2}) x (bf16 or fp16) x (token tiles of 8: 1, 2 or 4) on `stream`,
+// and after it the split-K sum kernel when p.sum_kernel. Returns the CUDA error of the launches.
 cudaError_t decode_launch(const DecodeParams& p, int num_codebooks, bool bf16, cudaStream_t stream);
 
 // Shared-memory bytes of a 1x16 launch: the codebook cache (kGatherShared, kGatherCluster), then the x window.
