@@ -336,8 +336,8 @@ def tune_cuda(
 
 
 # (gather, warps) pairs the 1x16 sweep tries: L1 / L2 gathers with 4 or 8 warps per CTA, the shared-memory cache with
-# 16 or 8 warps (one CTA per SM).
-TUNE_1X16 = [(0, 8), (0, 4), (1, 8), (1, 4), (2, 16), (2, 8)]
+# 16 or 8 warps (one CTA per SM), and on sm_90+ the two-CTA cluster's caches with 16 warps.
+TUNE_1X16 = [(0, 8), (0, 4), (1, 8), (1, 4), (2, 16), (2, 8), (3, 16)]
 
 
 def tune_cuda_1x16(l2: int, shapes: list[tuple[int, int]], token_counts: list[int]) -> list[dict[str, Any]]:
@@ -355,6 +355,8 @@ def tune_cuda_1x16(l2: int, shapes: list[tuple[int, int]], token_counts: list[in
         for tokens in token_counts:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
             for gather, warps in TUNE_1X16:
+                if gather == cuda_kernels.GATHER_CLUSTER and torch.cuda.get_device_capability() < (9, 0):
+                    continue
                 for splits in (0, 1, 2, 4, 8, 16):
                     plan = cuda_kernels.plan_1x16(tokens, out_f, in_f // 8, sm, splits, gather, warps)
                     if splits and plan.splits != splits:

@@ -91,7 +91,7 @@ CLUSTER_MAX_GROUPS = 11008 // 8
 CLUSTER_SPLITS = 6
 # From this many tokens on, partials that no cluster sums are summed by a second kernel, one thread per output, instead
 # of by the last CTA of each row block, which alone sums tokens x 256 outputs at the end of the decode kernel (H100, 16
-# tokens, 8192x28672: 2x8 71.6 -> 63.9 us, 1x8 53.8 -> 46.5; BENCHMARKS.md, "GPU kernels", eighth session).
+# tokens, 8192x28672: 2x8 71 -> 65-66 us, 1x8 53 -> 47-48; BENCHMARKS.md, "GPU kernels", eighth session).
 SUM_KERNEL_TOKENS = 9
 MAX_COUNTERS = 1 << 16
 PREFILL_ROWS = 128  # kPrefillRows in csrc/aqlm_prefill.h
