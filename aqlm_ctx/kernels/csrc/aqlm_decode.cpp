@@ -123,10 +123,11 @@ torch::Tensor decode(const torch::Tensor& x, const torch::Tensor& codes, const t
   TORCH_CHECK(cluster == 1 || (groups_per_split > 0 && cluster == partials && cluster <= aqlm_ctx::kMaxCluster &&
                                 at::cuda::getDeviceProperties(x.get_device())->major >= 9),
               "bad plan: a cluster is the 2 to ", aqlm_ctx::kMaxCluster, " split-K CTAs of a row block, on sm_90+");
-  check_counters(counters, cluster > 1 ? 1 : partials, row_blocks);
+  const int64_t slots = cluster > 1 ? 1 : partials;  // the workspace's partial slots (a cluster sums in shared memory)
+  check_counters(counters, slots, row_blocks);
 
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [y, workspace] = outputs(x, out_features, cluster > 1 ? 1 : partials);
+  auto [y, workspace] = outputs(x, out_features, slots);
   auto p = decode_params(x, codes, codebooks, scales, bias, counters, y, workspace, partials, groups_per_split,
                          window_groups);
   p.x_slots = aqlm_ctx::decode_x_slots(16 / num_codebooks, p.window_groups);
@@ -161,9 +162,10 @@ torch::Tensor decode_1x16(const torch::Tensor& x, const torch::Tensor& codes, co
   TORCH_CHECK(gather >= aqlm_ctx::kGatherL1 && gather <= aqlm_ctx::kGatherCluster, "gather mode 0 to 3");
   const bool cluster = gather == aqlm_ctx::kGatherCluster;
   const bool cached = gather == aqlm_ctx::kGatherShared || cluster;
-  TORCH_CHECK(cached ? cache_entries >= (cluster ? 1 : 0) && cache_entries * (cluster ? aqlm_ctx::kCluster1x16 : 1) <= 65536
-                     : cache_entries == 0,
-              "codebook cache entries: up to 65536 in all with gather modes 2 and 3 (at least 1 with 3), none otherwise");
+  const int64_t copies = cluster ? aqlm_ctx::kCluster1x16 : 1;  // CTAs whose caches together hold distinct entries
+  TORCH_CHECK(cached ? cache_entries >= (cluster ? 1 : 0) && cache_entries * copies <= 65536 : cache_entries == 0,
+              "codebook cache entries: up to 65536 in all with gather modes 2 and 3 (at least 1 with 3), none "
+              "otherwise");
   TORCH_CHECK(!cluster || at::cuda::getDeviceProperties(x.get_device())->major >= 9, "gather mode 3 needs sm_90+");
 
   const c10::cuda::CUDAGuard guard(x.device());

@@ -410,14 +410,15 @@ cudaError_t launch_tokens(const DecodeParams& p, cudaStream_t stream) {
 
 // ---------------------------------------------------------------- 1x16: one codebook of 65536 entries (1 MiB)
 //
-// The codebook is too large for shared memory, so each 8-weight group is one random 16-byte read of it through L1 /
-// L2 (kGatherShared: the first cache_entries entries from a shared-memory copy instead). Throughput is set by those
-// scattered reads, so the kernel keeps many in flight: every warp owns one m16 row tile, each thread two rows (r and
-// r + 8) of it; per superstep of 32 groups a thread loads 16 bytes of codes per row (8 groups, one step ahead, the
-// step after that prefetched into L2) and issues its 16 codebook reads in two batches of 8, the second batch (and
-// the next superstep's first) in flight while the previous one goes through the tensor cores. The decoded groups
-// are mma.m16n8k16 A operands exactly as in decode_kernel, x comes from the same padded shared window, and the
-// epilogue is store_output. CTAs are persistent: the grid loops over (row block, split) tiles.
+// The codebook is too large for shared memory, so each 8-weight group is one random 16-byte read of it through L1 / L2
+// (kGatherShared: the first cache_entries entries from a shared-memory copy instead; kGatherCluster: the first
+// 2 x cache_entries from the copies of a two-CTA cluster, through distributed shared memory). Throughput is set by
+// those scattered reads, so the kernel keeps many in flight: every warp owns one m16 row tile, each thread two rows (r
+// and r + 8) of it; per superstep of 32 groups a thread loads 16 bytes of codes per row (8 groups, one step ahead, the
+// step after that prefetched into L2) and issues its 16 codebook reads in two batches of 8, the second batch (and the
+// next superstep's first) in flight while the previous one goes through the tensor cores. The decoded groups are
+// mma.m16n8k16 A operands exactly as in decode_kernel, x comes from the same padded shared window, and the epilogue is
+// store_output. CTAs are persistent: the grid loops over (row block, split) tiles.
 
 // Codebook entry `code`: from `codebook` in global memory, or (kGatherShared) from this CTA's shared-memory copy of
 // entries [0, cache_entries) at `sh_codebook`, or (kGatherCluster) from the copy of entries

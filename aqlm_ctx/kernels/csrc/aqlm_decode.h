@@ -16,7 +16,6 @@ constexpr int kRowsPerWarp = 16 * kTilesPerWarp;
 constexpr int kRowsPerCta = kWarps * kRowsPerWarp;  // output rows one CTA owns (2x8 / 1x8)
 constexpr int kMaxWarps1x16 = 16;                // the 1x16 kernel: one m16 row tile per warp, 4 to 16 warps per CTA
 constexpr int kMaxCluster = 8;                   // the most CTAs of a (portable) thread-block cluster
-
 constexpr int kCluster1x16 = 2;                  // CTAs of a thread-block cluster in the 1x16 kernel's kGatherCluster
 
 // How the 1x16 kernel reads codebook entries: through L1 (ld.global.nc), from L2 only (ld.global.cg), the first
@@ -32,7 +31,7 @@ struct DecodeParams : LayerParams {
   int tiles;              // 2x8 / 1x8: CTAs of the grid; 1x16: row blocks x splits, which the grid loops over
   int groups_per_split;   // split-K: groups per split, a multiple of the superstep; 2x8 / 1x8: 0 for stream-K
   int cluster;            // 2x8 / 1x8 split-K: 1, or `splits` when a row block's CTAs form one thread-block cluster
-  int sum_kernel;         // 2x8 / 1x8: 1 when reduce_splits_kernel sums the partials after the decode kernel (no tickets)
+  int sum_kernel;         // 2x8 / 1x8: 1 when reduce_splits_kernel sums the partials after the decode kernel
   // 1x16 only:
   int rows_per_cta;       // 16 x warps per CTA
   int cache_entries;      // kGatherShared / kGatherCluster: codebook entries each CTA stages in shared memory
