@@ -44,6 +44,7 @@ from .ops import MATMUL_SCHEMA, define
 __all__ = [
     "DECODE_1X16_TOKEN_RANGE",
     "DEQUANTIZED_TOKEN_RANGES",
+    "GATHER_CLUSTER",
     "GATHER_L1",
     "GATHER_L2",
     "GATHER_SHARED",
