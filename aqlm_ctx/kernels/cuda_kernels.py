@@ -139,9 +139,9 @@ GATHER_1X16 = GATHER_L1  # the planner's default, except where it clusters
 CLUSTER_1X16 = 2  # kCluster1x16 in csrc/aqlm_decode.h: CTAs per cluster with GATHER_CLUSTER
 CLUSTER_1X16_TOKENS = 4
 CLUSTER_1X16_MIN_GROUPS = 1 << 24
-WARPS_1X16 = 8  # warps per CTA (16 output rows each) unless GATHER_SHARED (16 warps, one CTA per SM)
+WARPS_1X16 = 8  # warps per CTA (16 output rows each) unless a shared-memory cache (16 warps, one CTA per SM)
 MAX_WARPS_1X16 = 16  # kMaxWarps1x16 in csrc/aqlm_decode.h
-X_WINDOW_BYTES_1X16 = 16 * 1024  # shared memory for x per CTA (8 KiB with GATHER_SHARED, where the rest is codebook)
+X_WINDOW_BYTES_1X16 = 16 * 1024  # shared memory for x per CTA (8 KiB with a cache, where the rest is codebook)
 TILE_OVERHEAD_STEPS = 1  # the planner's fixed cost of a (row block, split) tile, in 32-group supersteps
 
 _LOCK = threading.Lock()
@@ -205,7 +205,7 @@ def _hopper(index: int) -> bool:
 
 @functools.cache
 def _clusters(index: int) -> bool:
-    """Whether the decode kernel's split-K CTAs can form thread-block clusters (sm_90+)."""
+    """Whether this GPU runs thread-block clusters (sm_90+): split-K sums in a cluster, and 1x16's GATHER_CLUSTER."""
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
