@@ -380,13 +380,16 @@ def tune_cuda_1x16(l2: int, shapes: list[tuple[int, int]], token_counts: list[in
     return rows
 
 
-def tune_prefill(l2: int, shapes: list[tuple[int, int]], token_counts: list[int]) -> list[dict[str, Any]]:
-    """Time the prefill kernel for each token tile and split-K count (0: the planner's choice)."""
+def tune_prefill(
+    l2: int, shapes: list[tuple[int, int]], token_counts: list[int], formats: list[str]
+) -> list[dict[str, Any]]:
+    """Time the prefill kernel for each token tile and split-K count (0: the planner's choice), every tile split or
+    only those after the last whole wave of CTAs."""
     from aqlm_ctx.kernels import cuda_kernels
 
     rows: list[dict[str, Any]] = []
     sm = torch.cuda.get_device_properties(0).multi_processor_count
-    for fmt in ("2x8", "1x8"):
+    for fmt in formats:
         for out_f, in_f in shapes:
             first = make_aqlm(fmt, out_f, in_f, torch.float16)
             layers = [first] + [
@@ -395,32 +398,37 @@ def tune_prefill(l2: int, shapes: list[tuple[int, int]], token_counts: list[int]
             for tokens in token_counts:
                 x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
                 chosen = cuda_kernels.plan_prefill(tokens, out_f, in_f // 8, sm)
+                plans = []
                 for tile in cuda_kernels.PREFILL_TILES:
                     if tile > 64 and tile >= 2 * tokens:
                         continue
-                    for splits in (0, 1, 2, 3, 4, 6):
-                        plan = cuda_kernels.plan_prefill(tokens, out_f, in_f // 8, sm, tile, splits)
-                        fns = [
-                            lambda L=L, p=plan, x=x: cuda_kernels.launch_prefill(
-                                x, L["codes"], L["codebooks"], L["scales"], None, p.token_tile, p.splits
-                            )
-                            for L in layers
-                        ]
-                        t = graph_time(fns, min_time_s=0.02) * 1e6
-                        rows.append(
-                            {
-                                "fmt": fmt,
-                                "out": out_f,
-                                "in": in_f,
-                                "tokens": tokens,
-                                "token_tile": tile,
-                                "splits": splits,
-                                "actual_splits": plan.splits,
-                                "planned": list(chosen),
-                                "us": t,
-                            }
+                    tiles = -(-out_f // cuda_kernels.PREFILL_ROWS) * -(-tokens // tile)
+                    wave = 2 * sm if tile == 64 else sm
+                    for splits in (0, 1, 2, 3, 4, 6, 8):
+                        for whole in (None, 0, tiles // wave * wave):
+                            plan = cuda_kernels.plan_prefill(tokens, out_f, in_f // 8, sm, tile, splits, whole)
+                            if plan not in plans:
+                                plans.append(plan)
+                for plan in plans:
+                    fns = [
+                        lambda L=L, p=plan, x=x: cuda_kernels.launch_prefill(
+                            x, L["codes"], L["codebooks"], L["scales"], None, p.token_tile, p.splits, p.whole_tiles
                         )
-                        log(f"tune_prefill {fmt} {out_f}x{in_f} T={tokens} tile={tile} splits={plan.splits} {t:.1f} us")
+                        for L in layers
+                    ]
+                    t = graph_time(fns, min_time_s=0.02) * 1e6
+                    rows.append(
+                        {
+                            "fmt": fmt,
+                            "out": out_f,
+                            "in": in_f,
+                            "tokens": tokens,
+                            **plan._asdict(),
+                            "planned": list(chosen),
+                            "us": t,
+                        }
+                    )
+                    log(f"tune_prefill {fmt} {out_f}x{in_f} T={tokens} {tuple(plan)} {t:.1f} us")
             del layers, first
             torch.cuda.empty_cache()
     return rows
@@ -492,7 +500,7 @@ def main() -> None:
         token_counts = list(map(int, args.tokens.split(",")))
         formats = args.formats.split(",")
         if args.tune_prefill:
-            info["tune"] = tune_prefill(l2, shapes, token_counts)
+            info["tune"] = tune_prefill(l2, shapes, token_counts, [f for f in formats if f != "1x16"])
         elif args.tune:
             info["tune"] = tune(l2)
         else:

@@ -622,14 +622,24 @@ def test_cuda_prefill_plan() -> None:
 
     for tokens in (33, 64, 65, 129, 512, 4096):
         for out_f, groups in ((4096, 512), (8192, 3584), (28672, 1024), (300, 80)):
-            tile, splits, per_split = plan_prefill(tokens, out_f, groups, 132)
+            tile, splits, per_split, whole = plan_prefill(tokens, out_f, groups, 132)
+            tiles = -(-out_f // 128) * -(-tokens // tile)
             assert tile in PREFILL_TILES and (tile == PREFILL_TILES[0] or tile < 2 * tokens)
             assert splits == -(-groups // 8 // per_split) and (splits - 1) * per_split < groups // 8
-    assert plan_prefill(513, 300, 80, 132, token_tile=64, splits=3) == (64, 3, 4)
-    # Measured best on an H200: no split once the row x token tiles fill the SMs, 64-token tiles split for few tokens.
-    assert plan_prefill(512, 8192, 3584, 132) == (256, 1, 448)
-    assert plan_prefill(512, 4096, 512, 132) == (128, 1, 64)
-    assert plan_prefill(128, 4096, 512, 132) == (64, 2, 32)
+            # With one split every tile is whole; else every tile is split, or those past the last whole wave.
+            wave = 264 if tile == 64 else 132
+            assert whole == tiles if splits == 1 else whole in (0, tiles // wave * wave) and whole < tiles
+    assert plan_prefill(513, 300, 80, 132, token_tile=64, splits=3) == (64, 3, 4, 0)
+    assert plan_prefill(513, 300, 80, 132, token_tile=64, splits=3, whole_tiles=20) == (64, 3, 4, 20)
+    assert plan_prefill(513, 300, 80, 132, token_tile=64, splits=1, whole_tiles=0) == (64, 1, 10, 27)
+    with pytest.raises(ValueError, match="whole_tiles=28: the plan has 27 tiles of 64 tokens"):
+        plan_prefill(513, 300, 80, 132, token_tile=64, splits=3, whole_tiles=28)
+    # Measured best on an H100: no split once the row x token tiles fill the SMs, split-K for fewer tokens.
+    assert plan_prefill(512, 8192, 3584, 132) == (256, 1, 448, 128)
+    assert plan_prefill(512, 4096, 512, 132) == (128, 1, 64, 128)
+    assert plan_prefill(128, 4096, 512, 132) == (128, 4, 16, 0)
+    # 448 tiles: three whole waves of 132 CTAs, then the last 52 tiles in two splits each (104 CTAs, one wave).
+    assert plan_prefill(512, 28672, 1024, 132) == (256, 2, 64, 396)
 
 
 @requires_hopper
@@ -649,10 +659,19 @@ def test_cuda_prefill_matches_reference(fmt: str, dtype_name: str, tokens: int, 
     expected = cuda_kernels.prefill_preferred(codebooks.shape[0], tokens, out_features, in_features)
     assert cuda_kernels.supports_prefill(x, codes, codebooks, scales, bias) == expected
     ref = decode_reference(x, codes, codebooks, scales, bias)
-    for tile, splits in ((0, 0), (0, 1), (0, 3), (64, 1), (256, 4)):
-        out = cuda_kernels.launch_prefill(x, codes, codebooks, scales, bias, token_tile=tile, splits=splits)
+    # (token tile, splits, whole tiles): the planner's, forced, and only the tiles after the first whole ones split.
+    for tile, splits, whole in (
+        (0, 0, None),
+        (0, 1, None),
+        (0, 3, 0),
+        (64, 1, None),
+        (256, 4, 0),
+        (64, 3, 1),
+        (128, 2, 2),
+    ):
+        out = cuda_kernels.launch_prefill(x, codes, codebooks, scales, bias, tile, splits, whole)
         assert out.shape == (tokens, out_features) and out.dtype == dtype
-        assert rel_err(out, ref) < TOLERANCE[dtype], (tile, splits)
+        assert rel_err(out, ref) < TOLERANCE[dtype], (tile, splits, whole)
     assert rel_err(cuda_kernels.prefill_matmul(x, codes, codebooks, scales, bias), ref) < TOLERANCE[dtype]
     assert torch.equal(codes, codes_before)
 
@@ -666,10 +685,14 @@ def test_cuda_prefill_large_layer_is_deterministic(fmt: str) -> None:
     bias = torch.randn(1024, device="cuda", dtype=torch.float16)
     x = torch.randn(300, 8192, device="cuda", dtype=torch.float16)
     ref = decode_reference(x, codes, codebooks, scales, bias)
-    for splits in (1, 5):
-        outs = [cuda_kernels.launch_prefill(x, codes, codebooks, scales, bias, splits=splits) for _ in range(5)]
+    split = {}
+    for splits, whole in ((1, None), (5, 0), (5, 16)):  # 8 row blocks x 3 token blocks of 128: 24 tiles
+        outs = [cuda_kernels.launch_prefill(x, codes, codebooks, scales, bias, 128, splits, whole) for _ in range(5)]
         assert rel_err(outs[0], ref) < TOLERANCE[torch.float16]
         assert all(torch.equal(o, outs[0]) for o in outs[1:])
+        split[whole] = outs[0]
+    # Tiles 16-23 (tokens 256-299) are split either way: the same sums, whether or not the tiles before them are.
+    assert torch.equal(split[0][256:], split[16][256:])
 
 
 @requires_hopper

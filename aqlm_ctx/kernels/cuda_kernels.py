@@ -11,18 +11,20 @@ is one random 16-byte read through L1 / L2, many of them kept in flight per thre
 (:func:`plan_1x16`). The prefill kernel
 (``csrc/aqlm_prefill.cu``, sm_90a) decodes the same way straight into the register operand of ``wgmma`` (the
 weight) and streams tiles of up to 256 tokens through shared memory as the other operand, so the weight is never
-written out. The kernels are compiled on first use with
+written out; split-K covers every tile of a small launch or only the tiles after the last whole wave of CTAs, and a
+second kernel sums the partials (:func:`plan_prefill`). The kernels are compiled on first use with
 ``torch.utils.cpp_extension.load`` (nvcc and ninja needed; build cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``). When the build fails, the ``supports*`` functions answer False from then on and a
 warning is issued once, so the dispatcher falls back to the Triton or stock kernels.
 
 Codes are read in the checkpoint layout ``[out_features, in_features / 8, num_codebooks]``; no copy is kept.
-Split-K uses one int32 ticket counter per block of output rows and device; launches of these kernels on two
-streams of one device at the same time could share counters, so run them on one stream per device.
+The decode kernels' split-K uses one int32 ticket counter per block of output rows and device; launches of these
+kernels on two streams of one device at the same time could share counters, so run them on one stream per device.
 
 The matmuls are the custom ops ``torch.ops.aqlm_ctx.aqlm_decode``, ``aqlm_decode_1x16`` and ``aqlm_prefill``, and the
 dequantizer is ``aqlm_dequantize`` (each with a fake implementation), so that ``torch.compile`` sees opaque nodes and
-CUDA graphs capture one launch per layer (two for dequantize-then-cuBLAS).
+CUDA graphs capture each layer's launches (two where a second kernel sums split-K partials, and for
+dequantize-then-cuBLAS).
 """
 
 from __future__ import annotations
@@ -98,13 +100,15 @@ MAX_COUNTERS = 1 << 16
 PREFILL_ROWS = 128  # kPrefillRows in csrc/aqlm_prefill.h
 PREFILL_TILES = (64, 128, 256)  # token tiles of the prefill kernel
 PREFILL_MAX_SPLITS = 8
-# The planner's cost model (_prefill_cost_us), fitted to the tile/split sweep on an H200: µs per 64-feature stage of
-# a CTA alone on its SM, per token tile; of each of two 64-token CTAs sharing one; the split-K partials' write + read
-# bandwidth (bytes per µs); and a cost per split and token of the tile (the last CTA's reduction).
+# The planner's cost model (_prefill_cost_us): µs per 64-feature stage of a CTA alone on its SM, per token tile, and
+# of each of two 64-token CTAs sharing one (fitted to a tile/split sweep on an H200); the split-K partials' write +
+# read bandwidth (bytes per µs) and a cost per split and token of the tile (fitted to the tile/split/whole-tile sweep
+# of 2x8 at 128, 512 and 1024 tokens on an H100 once a second kernel summed the partials: the plan it picks is the
+# fastest or within 3% of it on each of the 15 cases; BENCHMARKS.md, "Prefill").
 PREFILL_STAGE_US = {64: 0.62, 128: 0.73, 256: 0.93}
 PREFILL_SHARED_US = 1.04
-PREFILL_PARTIAL_BYTES_PER_US = 1.7e6
-PREFILL_SPLIT_US = 0.04
+PREFILL_PARTIAL_BYTES_PER_US = 2.5e6
+PREFILL_SPLIT_US = 0.01
 # num_codebooks -> inclusive token range of the prefill kernel; above PREFILL_SMALL_TOKENS it is used only for layers
 # of at least PREFILL_LARGE_WEIGHTS weights. Measured on an H200 and an H100 (BENCHMARKS.md, "Prefill"): up to 128
 # tokens it beats dequantize-then-cuBLAS (4096x4096 at 128 within a few %); on 8192x28672 and 28672x8192 it wins at
@@ -655,53 +659,88 @@ def launch_1x16(
 
 
 class PrefillPlan(NamedTuple):
-    """Prefill launch shape: tokens per CTA, split-K count, 64-feature stages per split."""
+    """Prefill launch shape: tokens per CTA, split-K count, 64-feature stages per split, and the tiles (128 rows x
+    ``token_tile`` tokens, numbered row block first) that take one CTA each; the tiles after them are split."""
 
     token_tile: int
     splits: int
     stages_per_split: int
+    whole_tiles: int
 
 
-def _prefill_cost_us(tokens: int, out_features: int, stages: int, sm_count: int, tile: int, splits: int) -> float:
-    """Estimated µs of a prefill launch: waves of CTAs x stages per CTA x a stage's time, plus the split-K traffic.
+def _prefill_cost_us(
+    tokens: int, out_features: int, stages: int, sm_count: int, tile: int, splits: int, whole_tiles: int
+) -> float:
+    """Estimated µs of a prefill launch: for the whole tiles' CTAs, then the split tiles' CTAs, waves x stages per CTA
+    x a stage's time; plus the split-K traffic.
 
     The stage times (one CTA per SM; two 64-token CTAs share an SM), the partials' bandwidth and the per-split cost are
     fitted to the prefill kernel's tile/split sweep on an H200 (BENCHMARKS.md, "Prefill").
     """
-    ctas = -(-out_features // PREFILL_ROWS) * -(-tokens // tile) * splits
-    stages_per_split = -(-stages // splits)
-    if tile == 64:
-        waves, stage_us = -(-ctas // (2 * sm_count)), PREFILL_STAGE_US[64] if ctas <= sm_count else PREFILL_SHARED_US
-    else:
-        waves, stage_us = -(-ctas // sm_count), PREFILL_STAGE_US[tile]
-    cost = waves * stages_per_split * stage_us
-    if splits > 1:
-        cost += splits * tokens * out_features * 8 / PREFILL_PARTIAL_BYTES_PER_US + PREFILL_SPLIT_US * tile * splits
+    tiles = -(-out_features // PREFILL_ROWS) * -(-tokens // tile)
+
+    def waves_us(ctas: int, stages_each: int) -> float:
+        if tile == 64:
+            waves, stage_us = (
+                -(-ctas // (2 * sm_count)),
+                PREFILL_STAGE_US[64] if ctas <= sm_count else PREFILL_SHARED_US,
+            )
+        else:
+            waves, stage_us = -(-ctas // sm_count), PREFILL_STAGE_US[tile]
+        return waves * stages_each * stage_us
+
+    split_tiles = tiles - whole_tiles
+    cost = waves_us(whole_tiles, stages) + waves_us(split_tiles * splits, -(-stages // splits))
+    if splits > 1 and split_tiles:
+        outputs = tokens * out_features * split_tiles / tiles
+        cost += splits * outputs * 8 / PREFILL_PARTIAL_BYTES_PER_US + PREFILL_SPLIT_US * tile * splits
     return cost
 
 
 def plan_prefill(
-    tokens: int, out_features: int, groups: int, sm_count: int, token_tile: int = 0, splits: int = 0
+    tokens: int,
+    out_features: int,
+    groups: int,
+    sm_count: int,
+    token_tile: int = 0,
+    splits: int = 0,
+    whole_tiles: int | None = None,
 ) -> PrefillPlan:
-    """Token tile and split-K count of least estimated time (:func:`_prefill_cost_us`) unless given: the tiles of
-    :data:`PREFILL_TILES` below twice the token count (64 always), 1 to :data:`PREFILL_MAX_SPLITS` splits.
+    """Token tile, split-K count and whole tiles of least estimated time (:func:`_prefill_cost_us`) unless given: the
+    tiles of :data:`PREFILL_TILES` below twice the token count (64 always), 1 to :data:`PREFILL_MAX_SPLITS` splits, and
+    either every tile split or only those past the last whole wave of CTAs (so that the split ones fill the SMs the
+    last wave would leave idle). With one split every tile is whole.
+
+    Raises:
+        ValueError: ``whole_tiles`` outside 0 to the number of tiles.
 
     Example:
         >>> plan_prefill(512, 4096, 512, 132)
-        PrefillPlan(token_tile=128, splits=1, stages_per_split=64)
+        PrefillPlan(token_tile=128, splits=1, stages_per_split=64, whole_tiles=128)
     """
     stages = groups // 8
-    tiles = [token_tile] if token_tile > 0 else [t for t in PREFILL_TILES if t == PREFILL_TILES[0] or t < 2 * tokens]
-    split_counts = [splits] if splits > 0 else range(1, PREFILL_MAX_SPLITS + 1)
     candidates = []
-    for tile in tiles:
-        for count in split_counts:
+    for tile in (
+        [token_tile] if token_tile > 0 else [t for t in PREFILL_TILES if t == PREFILL_TILES[0] or t < 2 * tokens]
+    ):
+        tiles = -(-out_features // PREFILL_ROWS) * -(-tokens // tile)
+        if whole_tiles is not None and not 0 <= whole_tiles <= tiles:
+            raise ValueError(f"whole_tiles={whole_tiles}: the plan has {tiles} tiles of {tile} tokens")
+        wave = 2 * sm_count if tile == 64 else sm_count
+        for count in [splits] if splits > 0 else range(1, PREFILL_MAX_SPLITS + 1):
             per_split = -(-stages // max(1, min(count, stages)))
             actual = -(-stages // per_split)
-            cost = _prefill_cost_us(tokens, out_features, stages, sm_count, tile, actual)
-            candidates.append((cost, tile, actual, per_split))
-    _, tile, actual, per_split = min(candidates)
-    return PrefillPlan(tile, actual, per_split)
+            if actual == 1:
+                wholes = [tiles]
+            elif whole_tiles is not None:
+                wholes = [whole_tiles]
+            else:
+                wholes = sorted({0, tiles // wave * wave})
+            for whole in wholes:
+                cost = _prefill_cost_us(tokens, out_features, stages, sm_count, tile, actual, whole)
+                candidates.append((cost, tile, actual, per_split, whole))
+    _, tile, actual, per_split, whole = min(candidates)
+    return PrefillPlan(tile, actual, per_split, whole)
 
 
 def _flat_input(input: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -720,8 +759,10 @@ def launch_prefill(
     bias: torch.Tensor | None,
     token_tile: int = 0,
     splits: int = 0,
+    whole_tiles: int | None = None,
 ) -> torch.Tensor:
-    """``input @ W.T + bias`` with the prefill kernel (``token_tile`` / ``splits`` > 0 force the plan).
+    """``input @ W.T + bias`` with the prefill kernel (``token_tile`` / ``splits`` > 0 and ``whole_tiles`` force the
+    plan: :func:`plan_prefill`).
 
     Raises:
         RuntimeError: the extension cannot be built here.
@@ -732,10 +773,8 @@ def launch_prefill(
 
     def run(module: ModuleType, x: torch.Tensor, *layer: torch.Tensor | None) -> torch.Tensor:
         out_features, groups, _ = codes.shape
-        tile, n_splits, per_split = plan_prefill(
-            x.shape[0], out_features, groups, _sm_count(_index(x.device)), token_tile, splits
-        )
-        return module.prefill(x, *layer, _counters_or(x, n_splits), tile, n_splits, per_split)
+        p = plan_prefill(x.shape[0], out_features, groups, _sm_count(_index(x.device)), token_tile, splits, whole_tiles)
+        return module.prefill(x, *layer, *p)
 
     return _launch(run, input, codes, codebooks, scales, bias, None)
 

@@ -57,7 +57,7 @@ std::pair<torch::Tensor, torch::Tensor> outputs(const torch::Tensor& x, int64_t 
   return {y, workspace};
 }
 
-// The fields of LayerParams, which every launch fills the same way.
+// The fields of LayerParams, which every launch fills the same way (`counters` may be undefined: no ticket counters).
 void fill_layer(aqlm_ctx::LayerParams& p, const torch::Tensor& x, const torch::Tensor& codes,
                 const torch::Tensor& codebooks, const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
                 const torch::Tensor& counters, torch::Tensor& y, torch::Tensor& workspace, int64_t splits) {
@@ -68,7 +68,7 @@ void fill_layer(aqlm_ctx::LayerParams& p, const torch::Tensor& x, const torch::T
   p.bias = bias ? bias->data_ptr() : nullptr;
   p.y = y.data_ptr();
   p.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
-  p.counters = workspace.defined() ? counters.data_ptr<int>() : nullptr;
+  p.counters = workspace.defined() && counters.defined() ? counters.data_ptr<int>() : nullptr;
   p.x_stride = x.stride(0);
   p.tokens = static_cast<int>(x.size(0));
   p.out_features = static_cast<int>(codes.size(0));
@@ -185,9 +185,11 @@ torch::Tensor decode_1x16(const torch::Tensor& x, const torch::Tensor& codes, co
   return y;
 }
 
+// Tiles of 128 rows x `token_tile` tokens; tiles [0, whole_tiles) take one CTA each, the others `splits` CTAs of
+// `stages_per_split` 64-feature stages each, whose partials a second kernel sums (see PrefillParams).
 torch::Tensor prefill(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
-                      const torch::Tensor& scales, const std::optional<torch::Tensor>& bias, const torch::Tensor& counters,
-                      int64_t token_tile, int64_t splits, int64_t stages_per_split) {
+                      const torch::Tensor& scales, const std::optional<torch::Tensor>& bias, int64_t token_tile,
+                      int64_t splits, int64_t stages_per_split, int64_t whole_tiles) {
   const int num_codebooks = static_cast<int>(codebooks.size(0));
   TORCH_CHECK(num_codebooks == 1 || num_codebooks == 2, "1 or 2 codebooks");
   check_layer(x, codes, codebooks, scales, bias, 256, 1);
@@ -198,14 +200,17 @@ torch::Tensor prefill(const torch::Tensor& x, const torch::Tensor& codes, const 
   const int64_t stages = codes.size(1) / 8;
   TORCH_CHECK(tokens >= 1 && stages_per_split >= 1 && splits == (stages + stages_per_split - 1) / stages_per_split,
               "bad plan");
-  const int64_t tiles = ((out_features + aqlm_ctx::kPrefillRows - 1) / aqlm_ctx::kPrefillRows) *
-                        ((tokens + token_tile - 1) / token_tile);
-  check_counters(counters, splits, tiles);
+  const int64_t row_blocks = (out_features + aqlm_ctx::kPrefillRows - 1) / aqlm_ctx::kPrefillRows;
+  const int64_t tiles = row_blocks * ((tokens + token_tile - 1) / token_tile);
+  TORCH_CHECK(whole_tiles >= 0 && whole_tiles <= tiles, "bad plan");
+  TORCH_CHECK(aqlm_ctx::prefill_ctas(tiles, whole_tiles, splits) < (int64_t{1} << 31), "too many tiles");
 
   const c10::cuda::CUDAGuard guard(x.device());
   auto [y, workspace] = outputs(x, out_features, splits);
   aqlm_ctx::PrefillParams p{};
-  fill_layer(p, x, codes, codebooks, scales, bias, counters, y, workspace, splits);
+  fill_layer(p, x, codes, codebooks, scales, bias, torch::Tensor(), y, workspace, splits);
+  p.row_blocks = static_cast<int>(row_blocks);
+  p.whole_tiles = static_cast<int>(whole_tiles);
   p.stages_per_split = static_cast<int>(stages_per_split);
   const cudaError_t err = aqlm_ctx::prefill_launch(p, num_codebooks, x.scalar_type() == at::kBFloat16,
                                                    static_cast<int>(token_tile), c10::cuda::getCurrentCUDAStream());

@@ -381,18 +381,7 @@ __global__ void __launch_bounds__(256) reduce_splits_kernel(const DecodeParams p
     const int units = (p.out_features + kRowsPerCta - 1) / kRowsPerCta * steps;
     partials = contributor((block + 1) * steps - 1, p.tiles, units) - contributor(block * steps, p.tiles, units) + 1;
   }
-  const float* src = p.workspace + i;
-  float sum = 0.0f;
-  for (int s0 = 0; s0 < partials; s0 += 8) {  // 8 loads in flight
-    float v[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) v[k] = s0 + k < partials ? __ldcg(src + (s0 + k) * outputs) : 0.0f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      if (s0 + k < partials) sum += v[k];
-    }
-  }
-  static_cast<scalar_t*>(p.y)[i] = scale_and_shift<scalar_t>(p, row, sum);
+  static_cast<scalar_t*>(p.y)[i] = scale_and_shift<scalar_t>(p, row, sum_partials(p.workspace + i, outputs, partials));
 }
 
 template <int C, bool kBf16>

@@ -62,6 +62,22 @@ __device__ __forceinline__ scalar_t scale_and_shift(const LayerParams& p, int ro
   return convert<scalar_t>(sum * convert<float>(static_cast<const scalar_t*>(p.scales)[row]) + shift);
 }
 
+// The sum in slot order of one output's `partials` fp32 partials src[0], src[stride], ... (read through L2, 8 loads
+// in flight), so that every path that sums split-K partials gives the same result.
+__device__ __forceinline__ float sum_partials(const float* src, int64_t stride, int partials) {
+  float sum = 0.0f;
+  for (int s0 = 0; s0 < partials; s0 += 8) {
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = s0 + k < partials ? __ldcg(src + (s0 + k) * stride) : 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (s0 + k < partials) sum += v[k];
+    }
+  }
+  return sum;
+}
+
 // Split-K, after every thread of this CTA wrote its fp32 partial to p.workspace (slot k of `partials` at
 // p.workspace + k * tokens * out_features): the last of the tile's `partials` CTAs to get here (a ticket counter,
 // which it then resets) sums the partials of rows [row0, row0 + rows) x tokens [n0, n0 + n_count) in slot order, so
@@ -81,10 +97,8 @@ __device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int p
     const int n = n0 + i / rows;
     const int row = row0 + i % rows;
     if (n >= p.tokens || row >= p.out_features) continue;
-    const float* src = p.workspace + static_cast<int64_t>(n) * p.out_features + row;
-    float sum = 0.0f;
-    for (int s = 0; s < partials; ++s) sum += __ldcg(src + s * split_size);
-    y[static_cast<int64_t>(n) * p.out_features + row] = scale_and_shift<scalar_t>(p, row, sum);
+    const int64_t at = static_cast<int64_t>(n) * p.out_features + row;
+    y[at] = scale_and_shift<scalar_t>(p, row, sum_partials(p.workspace + at, split_size, partials));
   }
   if (threadIdx.x == 0) p.counters[tile] = 0;
 }

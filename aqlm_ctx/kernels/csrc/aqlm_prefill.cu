@@ -16,8 +16,9 @@
 //   the decoded words land directly in the wgmma A-fragment layout. Each k16 step is decoded into its own registers
 //   while the previous steps' wgmmas run (wgmma.wait_group 3, not 0: ptxas keeps them asynchronous);
 // * setmaxnreg moves registers from the producer (40 per thread) to the consumers (232 with one CTA per SM);
-// * scales and bias in the epilogue; split-K (when row x token tiles do not fill the GPU) writes fp32 partials and
-//   the last CTA of a tile (a self-resetting ticket counter) sums them in split order, so results are deterministic.
+// * scales and bias in the epilogue; split-K (when row x token tiles do not fill the GPU, or only for the tiles of the
+//   last wave, whose CTAs would otherwise leave SMs idle: PrefillParams::whole_tiles) writes fp32 partials, and a
+//   second kernel (sum_split_tiles_kernel) sums them in split order, so results are deterministic.
 //
 // dequantize_kernel (any GPU): W = scales * sum_c codebooks[c][codes] as a dense matrix, for a dequantize-then-cuBLAS
 // path.
@@ -168,17 +169,22 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillRegisters<N>::kCtas) p
   // The swizzled tiles need 1024-byte alignment: start the codebooks (whose size is a multiple of 1024) there.
   uint4* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023) / 16;
   uint8_t* sh_stage = reinterpret_cast<uint8_t*>(smem + C * 256 * 8);
-  int& sh_last = *reinterpret_cast<int*>(sh_stage + S * kStageBytes);
-  uint64_t* full = reinterpret_cast<uint64_t*>(sh_stage + S * kStageBytes + 16);  // stage landed in slot
-  uint64_t* empty = full + S;                                                       // slot read by every warp
+  uint64_t* full = reinterpret_cast<uint64_t*>(sh_stage + S * kStageBytes);  // stage landed in slot
+  uint64_t* empty = full + S;                                                // slot read by every warp
 
   const int tid = threadIdx.x;
   const int lane = tid % 32;
   const int warp = tid / 32;
-  const int row0 = blockIdx.x * kPrefillRows;
-  const int n0 = blockIdx.y * N;
-  const int s_begin = blockIdx.z * p.stages_per_split;
-  const int n_stages = min(p.stages_per_split, p.groups / 8 - s_begin);
+  // This CTA's tile and split of it (0 for a whole tile); it writes y itself unless the tile has several splits.
+  const int cta = static_cast<int>(blockIdx.x);
+  const bool whole = cta < p.whole_tiles;
+  const int tile = whole ? cta : p.whole_tiles + (cta - p.whole_tiles) / p.splits;
+  const int split = whole ? 0 : (cta - p.whole_tiles) % p.splits;
+  const bool writes_y = whole || p.splits == 1;
+  const int row0 = tile % p.row_blocks * kPrefillRows;
+  const int n0 = tile / p.row_blocks * N;
+  const int s_begin = whole ? 0 : split * p.stages_per_split;
+  const int n_stages = whole ? p.groups / 8 : min(p.stages_per_split, p.groups / 8 - s_begin);
   if (tid == 0) {
     for (int i = 0; i < S; ++i) {
       mbar_init(full + i, kPrefillProducerThreads);
@@ -222,7 +228,6 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillRegisters<N>::kCtas) p
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(full + slot)) : "memory");
     }
     cp_async_wait_all();  // nothing in flight when this thread leaves
-    if (p.splits > 1) sum_splits<scalar_t>(p, blockIdx.y * gridDim.x + blockIdx.x, p.splits, row0, kPrefillRows, n0, N, sh_last);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(PrefillRegisters<N>::kConsumer));
     stage_codebooks(smem, p.codebooks, C * 256, tid, kPrefillConsumerWarps * 32);
@@ -300,7 +305,7 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillRegisters<N>::kCtas) p
     scalar_t* y = static_cast<scalar_t*>(p.y);
     const int quad = lane % 4;
     const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
-    float* partial = p.workspace + blockIdx.z * split_size;
+    float* partial = p.workspace + split * split_size;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + local_row + 8 * h;
@@ -314,7 +319,7 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillRegisters<N>::kCtas) p
           const int n = n0 + 8 * j + 2 * quad + e;
           if (n >= p.tokens) continue;
           const int64_t at = static_cast<int64_t>(n) * p.out_features + row;
-          if (p.splits == 1) {
+          if (writes_y) {
             y[at] = convert<scalar_t>(acc[4 * j + 2 * h + e] * scale + shift);
           } else {
             partial[at] = acc[4 * j + 2 * h + e];
@@ -322,15 +327,37 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillRegisters<N>::kCtas) p
         }
       }
     }
-    if (p.splits > 1) sum_splits<scalar_t>(p, blockIdx.y * gridDim.x + blockIdx.x, p.splits, row0, kPrefillRows, n0, N, sh_last);
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
+// The split tiles' sum, launched after prefill_kernel: one thread per output of tiles [p.whole_tiles, tiles) (row
+// fastest), which sums the output's partials in split order. (The last CTA of each tile summing its 128 x N outputs
+// alone was the tail of the launch, and its registers made the producer warpgroup spill.)
+template <int N, bool kBf16>
+__global__ void __launch_bounds__(256) sum_split_tiles_kernel(const PrefillParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int tile = p.whole_tiles + static_cast<int>(i / (kPrefillRows * N));
+  const int local = static_cast<int>(i % (kPrefillRows * N));
+  const int row = tile % p.row_blocks * kPrefillRows + local % kPrefillRows;
+  const int n = tile / p.row_blocks * N + local / kPrefillRows;
+  if (tile >= p.row_blocks * ((p.tokens + N - 1) / N) || row >= p.out_features || n >= p.tokens) return;
+  const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
+  const int64_t at = static_cast<int64_t>(n) * p.out_features + row;
+  static_cast<Scalar<kBf16>*>(p.y)[at] =
+      scale_and_shift<Scalar<kBf16>>(p, row, sum_partials(p.workspace + at, split_size, p.splits));
+}
+
 template <int C, int N, bool kBf16>
 cudaError_t launch(const PrefillParams& p, cudaStream_t stream) {
-  const dim3 grid((p.out_features + kPrefillRows - 1) / kPrefillRows, (p.tokens + N - 1) / N, p.splits);
-  return launch_kernel(prefill_kernel<C, N, kBf16>, grid, kPrefillThreads, prefill_smem_bytes(C, N), stream, p);
+  const int64_t tiles = static_cast<int64_t>(p.row_blocks) * ((p.tokens + N - 1) / N);
+  const int64_t ctas = prefill_ctas(tiles, p.whole_tiles, p.splits);
+  const cudaError_t err = launch_kernel(prefill_kernel<C, N, kBf16>, dim3(static_cast<unsigned>(ctas)),
+                                        kPrefillThreads, prefill_smem_bytes(C, N), stream, p);
+  if (err != cudaSuccess || p.splits == 1 || p.whole_tiles == tiles) return err;
+  const int64_t outputs = (tiles - p.whole_tiles) * kPrefillRows * N;
+  sum_split_tiles_kernel<N, kBf16><<<static_cast<unsigned>((outputs + 255) / 256), 256, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <int C, bool kBf16>
