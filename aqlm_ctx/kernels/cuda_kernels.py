@@ -406,7 +406,7 @@ def plan(
 
     Example:
         >>> plan(1, 28672, 1024, 2, 132)  # 112 row blocks: split-K would give 2 CTAs of 16 supersteps per row block
-        Plan(ctas=264, groups_per_split=0, window_groups=448)
+        Plan(ctas=264, groups_per_split=0, window_groups=448, cluster=1, sum_kernel=False)
     """
     superstep = 64 // num_codebooks
     steps = -(-groups // superstep)
