@@ -697,6 +697,7 @@ def _prefill_cost_us(
     return cost
 
 
+@functools.lru_cache(maxsize=4096)  # called on every prefill launch; pure function of its arguments
 def plan_prefill(
     tokens: int,
     out_features: int,
