@@ -675,7 +675,7 @@ def _prefill_cost_us(
     x a stage's time; plus the split-K traffic.
 
     The stage times (one CTA per SM; two 64-token CTAs share an SM), the partials' bandwidth and the per-split cost are
-    fitted to the prefill kernel's tile/split sweep on an H200 (BENCHMARKS.md, "Prefill").
+    fitted to the prefill kernel's sweeps (:data:`PREFILL_STAGE_US` and below; BENCHMARKS.md, "Prefill").
     """
     tiles = -(-out_features // PREFILL_ROWS) * -(-tokens // tile)
 
@@ -767,6 +767,7 @@ def launch_prefill(
 
     Raises:
         RuntimeError: the extension cannot be built here.
+        ValueError: ``whole_tiles`` outside 0 to the plan's number of tiles.
 
     Example:
         >>> launch_prefill(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
