@@ -104,6 +104,31 @@ __device__ __forceinline__ void over_windows(uint4* sh_x, const DecodeParams& p,
   }
 }
 
+// Split-K without a second kernel, after every thread of this CTA wrote its fp32 partial to p.workspace (slot k of
+// `partials` at p.workspace + k * tokens * out_features): the last of row block `block`'s `partials` CTAs to get here
+// (a ticket counter, which it then resets) sums the partials of rows [row0, row0 + rows) for every token in slot order
+// (sum_partials), so results are deterministic, and writes y = sum * scale + bias. Every thread of the CTA calls it
+// (it has barriers).
+template <typename scalar_t>
+__device__ __forceinline__ void sum_splits(const DecodeParams& p, int block, int partials, int row0, int rows,
+                                           int& sh_last) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) sh_last = atomicAdd(&p.counters[block], 1) == partials - 1;
+  __syncthreads();
+  if (!sh_last) return;
+  __threadfence();
+  scalar_t* y = static_cast<scalar_t*>(p.y);
+  const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
+  for (int i = threadIdx.x; i < p.tokens * rows; i += blockDim.x) {
+    const int row = row0 + i % rows;
+    if (row >= p.out_features) continue;
+    const int64_t at = static_cast<int64_t>(i / rows) * p.out_features + row;
+    y[at] = scale_and_shift<scalar_t>(p, row, sum_partials(p.workspace + at, split_size, partials));
+  }
+  if (threadIdx.x == 0) p.counters[block] = 0;
+}
+
 // The epilogue for kTiles m16 row tiles x NT token tiles of accumulators per thread (element i of tile (t, nt): row
 // row_base + 16 t + 8 (i / 2), token 8 nt + 2 quad + i % 2) of row block `block`. When this CTA is the row block's
 // only contributor (`partials` == 1) it writes y = acc * scale + bias; otherwise it writes its fp32 partial into
@@ -150,7 +175,7 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const float 
     }
   }
   if (p.sum_kernel) return;
-  sum_splits<scalar_t>(p, block, partials, block * rows_per_cta, rows_per_cta, 0, p.tokens, sh_last);
+  sum_splits<scalar_t>(p, block, partials, block * rows_per_cta, rows_per_cta, sh_last);
 }
 
 // Stream-K: the CTA, of `ctas`, that holds work unit `u` of `units` (CTA i holds units [i units / ctas, (i + 1) units /

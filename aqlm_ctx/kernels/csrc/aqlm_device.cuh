@@ -78,31 +78,6 @@ __device__ __forceinline__ float sum_partials(const float* src, int64_t stride, 
   return sum;
 }
 
-// Split-K, after every thread of this CTA wrote its fp32 partial to p.workspace (slot k of `partials` at
-// p.workspace + k * tokens * out_features): the last of the tile's `partials` CTAs to get here (a ticket counter,
-// which it then resets) sums the partials of rows [row0, row0 + rows) x tokens [n0, n0 + n_count) in slot order, so
-// results are deterministic, and writes y = sum * scale + bias. Every thread of the CTA calls it (it has barriers).
-template <typename scalar_t>
-__device__ __forceinline__ void sum_splits(const LayerParams& p, int tile, int partials, int row0, int rows, int n0,
-                                           int n_count, int& sh_last) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) sh_last = atomicAdd(&p.counters[tile], 1) == partials - 1;
-  __syncthreads();
-  if (!sh_last) return;
-  __threadfence();
-  scalar_t* y = static_cast<scalar_t*>(p.y);
-  const int64_t split_size = static_cast<int64_t>(p.tokens) * p.out_features;
-  for (int i = threadIdx.x; i < n_count * rows; i += blockDim.x) {
-    const int n = n0 + i / rows;
-    const int row = row0 + i % rows;
-    if (n >= p.tokens || row >= p.out_features) continue;
-    const int64_t at = static_cast<int64_t>(n) * p.out_features + row;
-    y[at] = scale_and_shift<scalar_t>(p, row, sum_partials(p.workspace + at, split_size, partials));
-  }
-  if (threadIdx.x == 0) p.counters[tile] = 0;
-}
-
 // Host side: launches `kernel` on `stream` with `smem` bytes of dynamic shared memory (opted in, as above 48 KiB it
 // must be), when `carveout` >= 0 that shared-memory share of L1 in percent, and when `cluster` > 1 as thread-block
 // clusters of `cluster` consecutive CTAs. Returns the CUDA error.
