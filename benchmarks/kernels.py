@@ -403,7 +403,7 @@ def tune_prefill(
                     if tile > 64 and tile >= 2 * tokens:
                         continue
                     tiles = -(-out_f // cuda_kernels.PREFILL_ROWS) * -(-tokens // tile)
-                    wave = 2 * sm if tile == 64 else sm
+                    wave = cuda_kernels._prefill_wave(tile, sm)
                     for splits in (0, 1, 2, 3, 4, 6, 8):
                         for whole in (None, 0, tiles // wave * wave):
                             plan = cuda_kernels.plan_prefill(tokens, out_f, in_f // 8, sm, tile, splits, whole)

@@ -668,6 +668,11 @@ class PrefillPlan(NamedTuple):
     whole_tiles: int
 
 
+def _prefill_wave(tile: int, sm_count: int) -> int:
+    """CTAs of the prefill kernel that run at once: one per SM, two 64-token CTAs sharing one."""
+    return 2 * sm_count if tile == 64 else sm_count
+
+
 def _prefill_cost_us(
     tokens: int, out_features: int, stages: int, sm_count: int, tile: int, splits: int, whole_tiles: int
 ) -> float:
@@ -680,14 +685,8 @@ def _prefill_cost_us(
     tiles = -(-out_features // PREFILL_ROWS) * -(-tokens // tile)
 
     def waves_us(ctas: int, stages_each: int) -> float:
-        if tile == 64:
-            waves, stage_us = (
-                -(-ctas // (2 * sm_count)),
-                PREFILL_STAGE_US[64] if ctas <= sm_count else PREFILL_SHARED_US,
-            )
-        else:
-            waves, stage_us = -(-ctas // sm_count), PREFILL_STAGE_US[tile]
-        return waves * stages_each * stage_us
+        stage_us = PREFILL_SHARED_US if tile == 64 and ctas > sm_count else PREFILL_STAGE_US[tile]
+        return -(-ctas // _prefill_wave(tile, sm_count)) * stages_each * stage_us
 
     split_tiles = tiles - whole_tiles
     cost = waves_us(whole_tiles, stages) + waves_us(split_tiles * splits, -(-stages // splits))
@@ -727,7 +726,7 @@ def plan_prefill(
         tiles = -(-out_features // PREFILL_ROWS) * -(-tokens // tile)
         if whole_tiles is not None and not 0 <= whole_tiles <= tiles:
             raise ValueError(f"whole_tiles={whole_tiles}: the plan has {tiles} tiles of {tile} tokens")
-        wave = 2 * sm_count if tile == 64 else sm_count
+        wave = _prefill_wave(tile, sm_count)
         for count in [splits] if splits > 0 else range(1, PREFILL_MAX_SPLITS + 1):
             per_split = -(-stages // max(1, min(count, stages)))
             actual = -(-stages // per_split)
