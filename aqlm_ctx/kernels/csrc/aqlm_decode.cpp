@@ -57,10 +57,10 @@ std::pair<torch::Tensor, torch::Tensor> outputs(const torch::Tensor& x, int64_t 
   return {y, workspace};
 }
 
-// The fields of LayerParams, which every launch fills the same way (`counters` may be undefined: no ticket counters).
+// The fields of LayerParams, which every launch fills the same way.
 void fill_layer(aqlm_ctx::LayerParams& p, const torch::Tensor& x, const torch::Tensor& codes,
                 const torch::Tensor& codebooks, const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
-                const torch::Tensor& counters, torch::Tensor& y, torch::Tensor& workspace, int64_t splits) {
+                torch::Tensor& y, torch::Tensor& workspace, int64_t splits) {
   p.x = x.data_ptr();
   p.codes = static_cast<const uint8_t*>(codes.data_ptr());
   p.codebooks = codebooks.data_ptr();
@@ -68,7 +68,6 @@ void fill_layer(aqlm_ctx::LayerParams& p, const torch::Tensor& x, const torch::T
   p.bias = bias ? bias->data_ptr() : nullptr;
   p.y = y.data_ptr();
   p.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
-  p.counters = workspace.defined() && counters.defined() ? counters.data_ptr<int>() : nullptr;
   p.x_stride = x.stride(0);
   p.tokens = static_cast<int>(x.size(0));
   p.out_features = static_cast<int>(codes.size(0));
@@ -76,13 +75,14 @@ void fill_layer(aqlm_ctx::LayerParams& p, const torch::Tensor& x, const torch::T
   p.splits = static_cast<int>(splits);
 }
 
-// The fields of DecodeParams that every decode launch fills the same way.
+// The fields of DecodeParams that every decode launch fills the same way (`counters` may be undefined without split-K).
 aqlm_ctx::DecodeParams decode_params(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& codebooks,
                                      const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
                                      const torch::Tensor& counters, torch::Tensor& y, torch::Tensor& workspace,
                                      int64_t splits, int64_t groups_per_split, int64_t window_groups) {
   aqlm_ctx::DecodeParams p{};
-  fill_layer(p, x, codes, codebooks, scales, bias, counters, y, workspace, splits);
+  fill_layer(p, x, codes, codebooks, scales, bias, y, workspace, splits);
+  p.counters = workspace.defined() && counters.defined() ? counters.data_ptr<int>() : nullptr;
   p.groups_per_split = static_cast<int>(groups_per_split);
   p.window_groups = static_cast<int>(window_groups);
   return p;
@@ -208,7 +208,7 @@ torch::Tensor prefill(const torch::Tensor& x, const torch::Tensor& codes, const 
   const c10::cuda::CUDAGuard guard(x.device());
   auto [y, workspace] = outputs(x, out_features, splits);
   aqlm_ctx::PrefillParams p{};
-  fill_layer(p, x, codes, codebooks, scales, bias, torch::Tensor(), y, workspace, splits);
+  fill_layer(p, x, codes, codebooks, scales, bias, y, workspace, splits);
   p.row_blocks = static_cast<int>(row_blocks);
   p.whole_tiles = static_cast<int>(whole_tiles);
   p.stages_per_split = static_cast<int>(stages_per_split);

@@ -26,6 +26,8 @@ enum Gather1x16 : int { kGatherL1 = 0, kGatherL2 = 1, kGatherShared = 2, kGather
 
 // splits (LayerParams): the most CTAs that share a row block, i.e. the workspace's partial slots (none when clustered).
 struct DecodeParams : LayerParams {
+  int* counters;          // split-K tickets, one per row block, all zero between launches (the last CTA of a row
+                          // block resets its own); nullptr without a workspace
   int window_groups;      // groups of x staged in shared memory at a time, multiple of the superstep
   int x_slots;            // shared-memory stride between tokens in 16-byte slots
   int tiles;              // 2x8 / 1x8: CTAs of the grid; 1x16: row blocks x splits, which the grid loops over

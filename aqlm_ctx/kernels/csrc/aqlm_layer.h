@@ -1,4 +1,4 @@
-// What every AQLM matmul launch (decode and prefill) passes its kernel: the layer's tensors and the split-K state.
+// What every AQLM matmul launch (decode and prefill) passes its kernel: the layer's tensors and the split-K workspace.
 // Shared by the kernels (compiled by nvcc without torch headers) and the torch binding in aqlm_decode.cpp.
 #pragma once
 
@@ -14,7 +14,6 @@ struct LayerParams {
   const void* bias;       // [out_features] or nullptr
   void* y;                // [tokens, out_features] contiguous
   float* workspace;       // [splits, tokens, out_features] when splits > 1
-  int* counters;          // one per output tile, all zero between launches (the last CTA of a tile resets its own)
   int64_t x_stride;
   int tokens;
   int out_features;

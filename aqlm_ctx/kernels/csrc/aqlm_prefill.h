@@ -20,7 +20,7 @@ constexpr int kPrefillStages = 4;     // shared-memory pipeline depth
 // t / row_blocks. Tiles [0, whole_tiles) take one CTA each over every stage; the others (all of them when
 // whole_tiles is 0) take `splits` CTAs each, of stages_per_split stages (split-K). The grid is one-dimensional:
 // whole_tiles + (tiles - whole_tiles) x splits CTAs, so a launch can fill its last wave with split tiles.
-struct PrefillParams : LayerParams {  // groups is a multiple of 8; counters unused (a second kernel sums splits)
+struct PrefillParams : LayerParams {  // groups is a multiple of 8; a second kernel sums the splits
   int row_blocks;         // ceil(out_features / kPrefillRows)
   int whole_tiles;        // tiles computed by one CTA each
   int stages_per_split;   // pipeline stages (64 input features each) per split
