@@ -42,6 +42,8 @@ def _stock_cuda_matmul(
     from aqlm.inference_kernels import get_forward_pass_kernel
 
     many_tokens = math.prod(input.shape[:-1]) > 6
+    if not input.is_contiguous() or input.data_ptr() % 16:  # stock's matvec reads rows as 16-byte vectors
+        input = input.clone(memory_format=torch.contiguous_format)
     kernel = get_forward_pass_kernel(codebooks, many_tokens)
     return kernel(input, codes, codebooks, scales, bias)
 
