@@ -609,6 +609,50 @@ def test_cuda_decode_1x16_declines_what_it_does_not_cover() -> None:
     assert not cuda_kernels.supports_1x16(x, codes8, codebooks8, scales8, None)
 
 
+@requires_cuda
+def test_cuda_decode_1x16_one_token_only_where_it_clusters() -> None:
+    """At 1 token the 1x16 kernel takes the layers where it clusters (sm_90+, large); the rest go to aqlm's matvec."""
+    from aqlm_ctx.kernels import cuda_kernels
+    from aqlm_ctx.kernels.dispatch import aqlm_matmul
+
+    clusters = torch.cuda.get_device_capability() >= (9, 0)
+    codes, codebooks, scales = make_layer("1x16", 8192, 8 * 2048, torch.float16, "cuda", seed=4)
+    assert codes.shape[0] * codes.shape[1] == cuda_kernels.CLUSTER_1X16_MIN_GROUPS
+    x = torch.randn(1, 8 * 2048, device="cuda", dtype=torch.float16)
+    assert cuda_kernels.supports_1x16(x, codes, codebooks, scales, None) == clusters
+    assert not cuda_kernels.supports_1x16(x, codes[:-16], codebooks, scales[:-16], None)  # just too few codes
+    assert cuda_kernels.supports_1x16(torch.cat([x, x]), codes, codebooks, scales, None)
+    small_codes, small_codebooks, small_scales = make_layer("1x16", 96, 256, torch.float16, "cuda", seed=5)
+    bias = torch.randn(96, device="cuda", dtype=torch.float16)
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    assert not cuda_kernels.supports_1x16(x, small_codes, small_codebooks, small_scales, bias)
+    with torch.no_grad():
+        ours = aqlm_matmul(x, small_codes, small_codebooks, small_scales, bias)
+    stock = torch.ops.aqlm.code1x16_matmat(x, small_codes, small_codebooks, small_scales, bias)
+    assert torch.equal(ours, stock)
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_stock_kernels_get_non_contiguous_and_misaligned_inputs_right(
+    fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aqlm's stock matvec kernels read each input row as 16-byte vectors from its data pointer; the dispatcher hands
+    them a contiguous, aligned copy where the input is neither."""
+    from aqlm_ctx.kernels.dispatch import aqlm_matmul
+
+    monkeypatch.setenv("AQLM_CTX_GPU_KERNELS", "0")
+    codes, codebooks, scales = make_layer(fmt, 96, 256, torch.float16, "cuda", seed=6)
+    bias = torch.randn(96, device="cuda", dtype=torch.float16)
+    wide = torch.randn(3, 520, device="cuda", dtype=torch.float16)
+    transposed = torch.randn(256, 3, device="cuda", dtype=torch.float16).T
+    for x in (wide[:1, 1:257], wide[:, :512:2], wide[:2, 8:264], transposed, transposed[:1]):
+        assert not x.is_contiguous() or x.data_ptr() % 16
+        with torch.no_grad():
+            out = aqlm_matmul(x, codes, codebooks, scales, bias)
+        assert rel_err(out, decode_reference(x, codes, codebooks, scales, bias)) < TOLERANCE[torch.float16], x.stride()
+
+
 # ---------------------------------------------------------------- CUDA prefill (wgmma) and dequantize-then-cuBLAS
 
 requires_hopper = pytest.mark.skipif(

@@ -127,11 +127,12 @@ DEQUANTIZED_TOKEN_RANGES: dict[tuple[int, int], tuple[int, int]] = {
 }
 
 # 1x16 decode kernel. Inclusive token range where it is used (BENCHMARKS.md, "1x16 decode (CUDA)", H100): from 2
-# tokens on it was faster than stock and Triton everywhere. At 1 token, under CUDA graphs, Triton was faster on 12 of
-# 14 layer shapes (by 0.1-19%, 2% on Llama-3-8B's linears) and this kernel on 11008x4096 (where Triton is 10% slower
-# than stock) and on Llama-2-7B's linears as a whole; but this kernel's launch costs ~50 us less host time per call
-# than Triton's, which is what bounds eager decoding, so it takes 1 token too. supports_1x16() declines outside it.
-DECODE_1X16_TOKEN_RANGE = (1, 32)
+# tokens on it was faster than stock and Triton everywhere. At 1 token it takes only the layers where it clusters
+# (sm_90+, at least CLUSTER_1X16_MIN_GROUPS codes: 8192x28672 204 vs 272 us for stock); on smaller layers both it
+# and stock's one-warp-per-row matvec are bound by the L2 gathers and came out even or stock ahead (4096x11008
+# 54.7 vs 51.2 us, 6144x4096 34.1 vs 31.4 us), so the dispatcher gives them to stock. supports_1x16() declines
+# outside that.
+DECODE_1X16_TOKEN_RANGE = (2, 32)
 # How it reads codebook entries (Gather1x16 in csrc/aqlm_decode.h): through L1, from L2 only, the first entries from
 # a copy in shared memory (as many as fit) and the rest from L2, or (sm_90+) the first 2 x ~14 K entries from the
 # shared memory of a two-CTA cluster and the rest through L1. The first three ran at about the same rate on an H100
@@ -298,7 +299,8 @@ def supports_1x16(
 ) -> bool:
     """Whether :func:`matmul_1x16` should handle this call: a 1x16 layer (one codebook of 65536 entries, int16 codes,
     in_group_size 8, out_group_size 1) covered as in :func:`supports`, in_features a multiple of 64 (code rows of a
-    multiple of 16 bytes), a token count in :data:`DECODE_1X16_TOKEN_RANGE`, and an extension that builds.
+    multiple of 16 bytes), a token count in :data:`DECODE_1X16_TOKEN_RANGE` or one token on a layer where the kernel
+    clusters (sm_90+, at least :data:`CLUSTER_1X16_MIN_GROUPS` codes), and an extension that builds.
 
     Example:
         >>> supports_1x16(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
@@ -309,8 +311,10 @@ def supports_1x16(
         return False
     if codes.shape[1] % 8 or codes.data_ptr() % 16 or codes.shape[0] > MAX_COUNTERS * 16:
         return False
+    tokens = _tokens(input)
     low, high = DECODE_1X16_TOKEN_RANGE
-    return low <= _tokens(input) <= high and not _build_failed(input.device)
+    clustered = tokens == 1 and _clusters(_index(input.device)) and _large_1x16(codes.shape[0], codes.shape[1])
+    return (low <= tokens <= high or clustered) and not _build_failed(input.device)
 
 
 def supports_prefill(
@@ -530,6 +534,11 @@ class Plan1x16(NamedTuple):
     carveout: int
 
 
+def _large_1x16(out_features: int, groups: int) -> bool:
+    """Whether a 1x16 layer has enough codes for a cluster's codebook copies to pay: :data:`CLUSTER_1X16_MIN_GROUPS`."""
+    return out_features * groups >= CLUSTER_1X16_MIN_GROUPS
+
+
 def _x_slots_1x16(window_groups: int) -> int:
     """decode_x_slots(8, window) in csrc/aqlm_decode.h: 9 slots per 8 groups, padded to 4 mod 8."""
     slots = window_groups + window_groups // 8
@@ -567,8 +576,8 @@ def plan_1x16(
         >>> plan_1x16(1, 8192, 3584, 132)  # doctest: +SKIP
     """
     if gather < 0:
-        large = out_features * groups >= CLUSTER_1X16_MIN_GROUPS
-        gather = GATHER_CLUSTER if clusters and large and tokens <= CLUSTER_1X16_TOKENS else GATHER_1X16
+        clustered = clusters and _large_1x16(out_features, groups) and tokens <= CLUSTER_1X16_TOKENS
+        gather = GATHER_CLUSTER if clustered else GATHER_1X16
     clustered = gather == GATHER_CLUSTER
     shared = gather == GATHER_SHARED or clustered
     if warps <= 0:

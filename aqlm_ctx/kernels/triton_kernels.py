@@ -33,7 +33,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16)
 TOKEN_RANGES: dict[tuple[int, int], tuple[int, int]] = {
     (2, 256): (1, 0),  # empty: stock 2x8 was faster everywhere we measured
     (1, 256): (7, 64),  # stock's dequantize path (>6 tokens) is slow for 1x8
-    (1, 65536): (1, 64),
+    (1, 65536): (2, 64),  # at 1 token stock's matvec was as fast or faster on some layers (cuda_kernels.py)
 }
 
 
