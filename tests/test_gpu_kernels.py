@@ -653,6 +653,25 @@ def test_stock_kernels_get_non_contiguous_and_misaligned_inputs_right(
         assert rel_err(out, decode_reference(x, codes, codebooks, scales, bias)) < TOLERANCE[torch.float16], x.stride()
 
 
+@requires_cuda
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_dtypes_aqlms_cuda_kernels_do_not_take_run_in_plain_torch(fmt: str) -> None:
+    """fp32 layers on the GPU, and fp16 inputs into fp32 codebooks (as under autocast): aqlm's CUDA kernels raise or
+    misread those, so the dispatcher computes them in plain torch."""
+    from aqlm_ctx.kernels.dispatch import aqlm_matmul
+
+    codes, codebooks, scales = make_layer(fmt, 96, 256, torch.float32, "cuda", seed=7)
+    bias = torch.randn(96, device="cuda")
+    for tokens in (1, 3, 40):
+        x = torch.randn(tokens, 256, device="cuda")
+        with torch.no_grad():
+            out = aqlm_matmul(x, codes, codebooks, scales, bias)
+            half = aqlm_matmul(x.half(), codes, codebooks, scales, None)
+        assert out.dtype == torch.float32 and rel_err(out, reference(x, codes, codebooks, scales, bias)) < 1e-5
+        assert half.dtype == torch.float16
+        assert rel_err(half, reference(x.half(), codes, codebooks, scales, None)) < TOLERANCE[torch.float16]
+
+
 # ---------------------------------------------------------------- CUDA prefill (wgmma) and dequantize-then-cuBLAS
 
 requires_hopper = pytest.mark.skipif(

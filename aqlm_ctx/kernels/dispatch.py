@@ -39,8 +39,14 @@ def _stock_cuda_matmul(
     scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
+    """aqlm's own kernel for the call, or the plain-torch matmul where aqlm's kernels would fail or misread: they
+    compute in fp16 / bf16 and read codebooks, scales and bias as the input's dtype (fp32 raises, mixed dtypes give
+    garbage)."""
     from aqlm.inference_kernels import get_forward_pass_kernel
 
+    layer = (codebooks, scales) if bias is None else (codebooks, scales, bias)
+    if input.dtype not in (torch.float16, torch.bfloat16) or any(t.dtype != input.dtype for t in layer):
+        return reference_matmul(input, codes, codebooks, scales, bias)
     many_tokens = math.prod(input.shape[:-1]) > 6
     if not input.is_contiguous() or input.data_ptr() % 16:  # stock's matvec reads rows as 16-byte vectors
         input = input.clone(memory_format=torch.contiguous_format)
@@ -57,7 +63,8 @@ def _triton_or_stock_matmul(
     *,
     triton: bool = True,
 ) -> torch.Tensor:
-    """Our Triton kernel where it covers the call (and ``triton`` is true), else aqlm's stock CUDA kernel.
+    """Our Triton kernel where it covers the call (and ``triton`` is true), else aqlm's stock CUDA kernel (the
+    plain-torch matmul for dtypes those do not take).
 
     Both launch on the *current* device, so the tensors' device is made current first (layers spread over several
     GPUs by a device_map are on other devices than the current one).
