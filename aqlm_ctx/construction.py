@@ -12,16 +12,20 @@ How it works, and why it is safe inside someone else's program:
   context (thread or task) that opened the block.
 * Module paths do not exist while a layer is built, so skip patterns are applied when the block ends: the block
   records where each module it built was attached (``register_module_module_registration_hook``), walks each
-  resulting model from its root and turns skipped layers back into dense ``nn.Linear`` on meta, in place.
+  resulting model from its root and turns skipped layers back into dense ``nn.Linear`` on meta, in place. A layer
+  built in the block carries its record until then, so ``copy.deepcopy`` copies (``nn.TransformerEncoder``'s
+  layer clones) are registered with the block too.
 """
 
 from __future__ import annotations
 
 import contextvars
+import copy
 import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -51,11 +55,15 @@ __all__ = ["aqlm_quantized"]
 
 logger = logging.getLogger(__name__)
 
+#: Attribute (in its ``__dict__``) of a layer built inside a block, until the block ends: its :class:`_BuiltLayer`.
+_BUILT = "_aqlm_ctx_built"
+
 
 @dataclass(eq=False)
 class _BuiltLayer:
     """A linear layer built inside a block, and what it was built with."""
 
+    block: _Block
     module: nn.Module
     in_features: int
     out_features: int
@@ -65,8 +73,28 @@ class _BuiltLayer:
     placeholder: nn.Parameter | None = None
     own_bias: nn.Parameter | None = None
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> _BuiltLayer:
+        """The record of a deep copy of the layer (``copy.deepcopy`` copies the module's ``__dict__``, this record
+        included): a layer built alike, with the copy's own stand-in weight and bias, registered with the block."""
+        copied = _BuiltLayer(
+            self.block,
+            copy.deepcopy(self.module, memo),
+            self.in_features,
+            self.out_features,
+            self.dtype,
+            self.device,
+            self.source,
+            copy.deepcopy(self.placeholder, memo),
+            copy.deepcopy(self.own_bias, memo),
+        )
+        self.block.layers.append(copied)
+        return copied
+
     def drop_placeholder(self) -> bool | None:
-        """Remove the stand-in ``weight`` if the module still has it; return its ``requires_grad`` (else ``None``)."""
+        """Remove the stand-in ``weight`` (and the record) if the module still has it; return its ``requires_grad``
+        (else ``None``)."""
+        if self.module.__dict__.get(_BUILT) is self:
+            del self.module.__dict__[_BUILT]
         placeholder, self.placeholder = self.placeholder, None
         if placeholder is None or self.module._parameters.get("weight") is not placeholder:
             return None
@@ -76,13 +104,19 @@ class _BuiltLayer:
 
 @dataclass(eq=False)
 class _Block:
-    """One open ``with aqlm_quantized(...)`` in one thread or task."""
+    """One open ``with aqlm_quantized(...)`` in one thread or task.
+
+    Modules that were attached to others are held weakly: a temporary container that is gone when the block ends
+    is no model, and a module that is gone is nobody's child (its ``id`` may be a new module's by then).
+    """
 
     owner: aqlm_quantized
+    thread: int = field(default_factory=threading.get_ident)
     layers: list[_BuiltLayer] = field(default_factory=list)
-    parents: dict[int, nn.Module] = field(default_factory=dict)
+    parents: list[weakref.ref[nn.Module]] = field(default_factory=list)
     templates: dict[tuple[int, int, bool, torch.dtype], QuantizedLinear] = field(default_factory=dict)
-    children: set[int] = field(default_factory=set)
+    children: weakref.WeakSet[nn.Module] = field(default_factory=weakref.WeakSet)
+    seen_parents: weakref.WeakSet[nn.Module] = field(default_factory=weakref.WeakSet)
 
     def build_linear(
         self,
@@ -99,7 +133,7 @@ class _Block:
         # Without an explicit device, where torch.device(...) modes and this block's meta default would put it.
         built_on = torch.device(device) if device is not None else torch.empty(0).device
         source = _caller_location()
-        layer = _BuiltLayer(module, in_features, out_features, dtype, built_on, source)
+        layer = _BuiltLayer(self, module, in_features, out_features, dtype, built_on, source)
         self.layers.append(layer)
         if check_divisible(in_features, out_features, config, source) is not None:
             # Not storable in these groups: stays a meta Linear; the block's end skips it or says why it cannot.
@@ -113,6 +147,7 @@ class _Block:
             layer.placeholder = nn.Parameter(torch.empty(out_features, in_features, device="meta", dtype=dtype))
             module._parameters["weight"] = layer.placeholder
             layer.own_bias = module._parameters["bias"]
+        module.__dict__[_BUILT] = layer
         install_kernels(module)
 
     def _init_quantized(
@@ -140,8 +175,10 @@ class _Block:
         module.__class__ = QuantizedLinear
 
     def note_registration(self, parent: nn.Module, child: nn.Module) -> None:
-        self.parents.setdefault(id(parent), parent)
-        self.children.add(id(child))
+        if parent not in self.seen_parents:
+            self.seen_parents.add(parent)
+            self.parents.append(weakref.ref(parent))
+        self.children.add(child)
 
     @staticmethod
     def _as_built(layers: dict[int, _BuiltLayer]) -> Callable[[nn.Module], nn.Module]:
@@ -169,7 +206,8 @@ class _Block:
             ValueError: layers that are not skipped cannot be split into the config's groups; nothing changed.
         """
         matcher, config = self.owner.matcher, self.owner.config
-        roots = [*first_roots, *(m for key, m in self.parents.items() if key not in self.children)]
+        parents = (ref() for ref in self.parents)
+        roots = [*first_roots, *(m for m in parents if m is not None and m not in self.children)]
         roots += [layer.module for layer in self.layers]  # layers attached to nothing are their own roots
         pending = {id(layer.module): layer for layer in self.layers}
         present = self._as_built(pending) if matcher.has_callables else None
@@ -262,8 +300,11 @@ _BLOCKS: contextvars.ContextVar[tuple[_Block, ...]] = contextvars.ContextVar("aq
 
 
 def _innermost_block() -> _Block | None:
+    """The innermost block open in this context, if this thread opened it (``asyncio.to_thread`` and executors that
+    copy the context carry the blocks into other threads, where the meta-device mode is not on: those build
+    ordinary modules)."""
     blocks = _BLOCKS.get()
-    return blocks[-1] if blocks else None
+    return blocks[-1] if blocks and blocks[-1].thread == threading.get_ident() else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

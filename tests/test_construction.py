@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import warnings
 
@@ -12,7 +13,7 @@ from aqlm import QuantizedLinear
 from torch import nn
 from torch.nn import Linear  # bound before any block is entered, on purpose
 
-from aqlm_ctx import AqlmConfig, aqlm_quantized
+from aqlm_ctx import AqlmConfig, aqlm_quantized, replace_linear_layers
 
 from .utils import signature
 
@@ -294,3 +295,82 @@ def test_thread_that_dies_inside_a_block_leaves_nothing_behind() -> None:
     with aqlm_quantized(CONFIG):
         pass
     assert_restored(before)
+
+
+def test_threads_that_inherit_the_context_get_ordinary_layers() -> None:
+    """asyncio.to_thread copies the task's context (and so the open block) into a worker thread; the worker builds
+    as any other thread does: ordinary layers on the CPU, not half a block (quantized layers beside real tensors)."""
+
+    def build() -> nn.Module:
+        return nn.ModuleDict({"embed": nn.Embedding(32, 16), "proj": nn.Linear(16, 16)})
+
+    async def main() -> tuple[nn.Module, nn.Module]:
+        with aqlm_quantized(CONFIG):
+            return build(), await asyncio.to_thread(build)
+
+    same, other = asyncio.run(main())
+    assert type(same["proj"]) is QuantizedLinear and same["embed"].weight.is_meta
+    assert type(other["proj"]) is nn.Linear and other["proj"].weight.device.type == "cpu"
+    assert other["embed"].weight.device.type == "cpu"
+    assert_restored(snapshot())
+
+
+class Clones(nn.Module):
+    """Layers cloned with copy.deepcopy while the model is built (the Annotated Transformer's ``clones``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = nn.ModuleDict({"q": nn.Linear(16, 16), "out": nn.Linear(16, 16)})
+        self.layers = nn.ModuleList(copy.deepcopy(block) for _ in range(3))
+        self.lm_head = nn.Linear(16, 32)
+
+
+def test_deep_copies_made_inside_are_built_layers_with_their_skips() -> None:
+    with aqlm_quantized(CONFIG, skip=["layers.*.out"]):
+        model = Clones()
+    for index in range(3):
+        q, out = model.layers[index]["q"], model.layers[index]["out"]
+        assert type(q) is QuantizedLinear and sorted(q._parameters) == ["bias", "codebooks", "codes", "scales"]
+        assert type(out) is nn.Linear and out.weight.is_meta
+        assert not any(name.startswith("_aqlm_ctx") for name in vars(q))
+    assert model.layers[0]["q"].codes is not model.layers[1]["q"].codes
+    assert signature(model) == signature(replace_linear_layers(Clones(), CONFIG, skip=["layers.*.out"]).to("meta"))
+
+
+def test_torch_transformer_encoder_follows_the_skip_advice() -> None:
+    """nn.TransformerEncoder deep-copies its layer; the README's advice for it (skip linear1 / linear2) holds."""
+    with aqlm_quantized(CONFIG, skip=["linear1", "linear2"]):
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+        encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    for block in encoder.layers:
+        assert type(block.linear1) is nn.Linear and type(block.linear2) is nn.Linear
+        assert "weight" in block.linear1._parameters
+
+
+def test_a_freed_module_does_not_hide_the_next_model_from_its_skips() -> None:
+    """The block remembers attached modules by identity, not by ``id()``, which a later module may reuse."""
+    for _ in range(20):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with aqlm_quantized(CONFIG, skip=["lm_head"]):
+                holder = nn.Module()
+                holder.act = nn.ReLU()
+                holder.act = nn.GELU()  # the ReLU is freed; its id is free for the model below
+                model = TinyLM(tie=False)
+        assert type(model.lm_head) is nn.Linear
+
+
+def test_a_temporary_container_is_not_the_model() -> None:
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            proj = nn.Linear(16, 16)
+            self.size = sum(p.numel() for p in nn.Sequential(proj).parameters())  # a container that is dropped
+            self.proj = proj
+            self.body = nn.Linear(16, 16)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with aqlm_quantized(CONFIG, skip=["proj"]):
+            model = Wrapped()
+    assert type(model.proj) is nn.Linear and type(model.body) is QuantizedLinear
