@@ -155,6 +155,34 @@ def test_codes_changed_in_place_are_seen_by_the_next_call() -> None:
     assert_close(cpu.matmul(x, codes, codebooks, scales, b), expected(x, codes, codebooks, scales, b))
 
 
+def test_codes_given_new_storage_at_the_old_address_are_seen() -> None:
+    """``codes.data = ...`` keeps the version counter; the storage the cached copy was made from is held with it, so
+    new storage can never take its address and pass for the old codes."""
+    codes, codebooks, scales, b = make_layer(64, 128, 2, 8, 8, seed=11)
+    x = torch.randn(2, 128)
+    for seed in range(12, 22):
+        cpu.matmul(x, codes, codebooks, scales, b)
+        first = make_layer(64, 128, 2, 8, 8, seed=seed)[0]
+        codes.data = first
+        del first  # the storage before it is free now (unless the cache holds it): the next one may take its place
+        codes.data = torch.empty_like(codes).copy_(make_layer(64, 128, 2, 8, 8, seed=seed + 100)[0])
+        assert_close(cpu.matmul(x, codes, codebooks, scales, b), expected(x, codes, codebooks, scales, b))
+
+
+def test_no_input_features_give_the_bias() -> None:
+    from aqlm_ctx.kernels.dispatch import aqlm_matmul
+
+    codes, codebooks, scales = (
+        torch.zeros(16, 0, 2, dtype=torch.int8),
+        torch.randn(2, 256, 1, 8),
+        torch.ones(16, 1, 1, 1),
+    )
+    bias = torch.randn(16)
+    for tokens in (1, 3, 40):
+        out = aqlm_matmul(torch.randn(tokens, 0), codes, codebooks, scales, bias)
+        assert torch.equal(out, bias.expand(tokens, 16))
+
+
 def test_input_major_copies_of_codes_that_changed_are_dropped() -> None:
     """The cache keeps no copy for codes that were replaced (e.g. a model moved to the GPU keeps its Parameters)."""
     first = make_layer(16, 32, 2, 8, 8, seed=9)

@@ -14,7 +14,9 @@ Paths, chosen per call by :func:`matmul`:
   count. They stream the codes of one input group for all output rows, which is why they read an *input-major*
   copy of the codes ``[in_groups, out_features, num_codebooks]``, made on the layer's first CPU call and cached
   beside it (one more byte per code; the layer's ``codes`` parameter, its ``state_dict`` and checkpoints keep the
-  checkpoint layout and are never modified).
+  checkpoint layout and are never modified). The copy is made again when the codes change through torch (in-place
+  ops such as ``codes.copy_(...)`` under ``torch.no_grad()``, ``load_state_dict``, new storage); writes through
+  ``codes.data`` bypass torch's version counter and are not seen.
 * Larger codebooks (1x16), up to :data:`TILE_MAX_TOKENS` tokens: :func:`_row_tile_kernel` works through blocks of
   :data:`TILE_ROWS` output rows; each block's weights are gathered from the codebooks into a small tile (L1/L2
   cache) and dotted with every token at once. A row is computed by one thread in one fixed order, so again the
@@ -62,7 +64,8 @@ DEQUANTIZE_BLOCK_BYTES = 2 << 20
 
 #: Serialises kernel calls and guards the caches below.
 _LOCK = threading.Lock()
-#: codes tensor -> ((version, data pointer, codebook size), input-major unsigned copy).
+#: codes tensor -> ((version, data pointer, codebook size), input-major unsigned copy, the storage it was made from:
+#: held, so that new storage cannot take its address unnoticed).
 _INPUT_MAJOR_CODES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 _pool_started = False
 
@@ -264,8 +267,9 @@ def _transposed(codes: torch.Tensor) -> torch.Tensor:
 def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     """``codes % codebook_size`` as unsigned ``[in_groups, out_features, num_codebooks]``, cached per codes tensor.
 
-    The cache entry is rebuilt when the tensor is modified in place (its version changes), given new storage or
-    read with another codebook size, and it disappears with the tensor. Entries of tensors whose data changed or
+    The cache entry is rebuilt when the tensor is modified in place (its version changes), given new storage (the
+    entry holds the old one, so the new one has another address) or read with another codebook size, and it
+    disappears with the tensor. Entries of tensors whose data changed or
     left the CPU (``model.to("cuda")`` keeps the Parameter objects) are dropped whenever an entry is added.
     Call with ``_LOCK`` held.
     """
@@ -273,13 +277,13 @@ def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     cached = _INPUT_MAJOR_CODES.get(codes)
     if cached is not None and cached[0] == key:
         return cached[1]
-    stale = [t for t, (k, _) in _INPUT_MAJOR_CODES.items() if t.device.type != "cpu" or k[:2] != _key(t)]
+    stale = [t for t, (k, *_) in _INPUT_MAJOR_CODES.items() if t.device.type != "cpu" or k[:2] != _key(t)]
     for tensor in stale:
         del _INPUT_MAJOR_CODES[tensor]
     array = _unsigned_codes(_transposed(codes.detach()))
     if codebook_size < np.iinfo(array.dtype).max + 1:
         array &= array.dtype.type(codebook_size - 1)
-    _INPUT_MAJOR_CODES[codes] = (key, array)
+    _INPUT_MAJOR_CODES[codes] = (key, array, codes.untyped_storage())
     return array
 
 

@@ -86,6 +86,8 @@ def _forward_kernel(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """The fastest correct kernel for these tensors' device, dtype and format (no autograd)."""
+    if codes.shape[1] == 0:  # no input features: the output is the bias; no kernel takes an empty reduction
+        return reference_matmul(input, codes, codebooks, scales, bias)
     if input.is_cuda:
         enabled = gpu_kernels_enabled()
         if enabled:
