@@ -20,7 +20,7 @@ from .config import AqlmConfig, parse_float_dtype, read_checkpoint_config
 from .construction import aqlm_quantized
 from .kernels import install_kernels
 from .layers import strip_foreign_parameters
-from .substitutions import apply_renames, checkpoint_renames, registered_renames
+from .substitutions import apply_renames, checkpoint_renames
 
 __all__ = ["from_pretrained", "load_checkpoint", "load_tensors"]
 
@@ -258,9 +258,13 @@ def _tie_weights(model: nn.Module) -> None:
 
 
 def _recompute_by_rebuilding(
-    slots: list[_Slot], rebuild: Callable[[], nn.Module], device_of: Callable[[str], torch.device]
+    slots: list[_Slot],
+    rebuild: Callable[[], nn.Module],
+    device_of: Callable[[str], torch.device],
+    dtype: torch.dtype | None,
 ) -> list[_Slot]:
-    """Take meta non-persistent buffers from a second build whose tensors are real; return those still missing."""
+    """Take meta non-persistent buffers from a second build whose tensors are real, floating ones in ``dtype`` (else
+    the skeleton's), as loaded tensors are; return those still missing."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the skip warnings were given by the first build
         fresh = dict(rebuild().named_buffers(remove_duplicate=False))
@@ -270,7 +274,8 @@ def _recompute_by_rebuilding(
         if value is None or value.device.type == "meta":
             still.append(slot)
         else:
-            _assign(slot, value.to(device_of(slot.names[0])))
+            floating = dtype or slot.tensor.dtype if value.is_floating_point() else value.dtype
+            _assign(slot, value.to(device_of(slot.names[0]), floating))
     return still
 
 
@@ -375,7 +380,7 @@ def _load(
         if present:
             sources[id(slot)] = stored[present[0]]
             problems += _tensor_problems(slot, stored[present[0]], reader, modules)
-        elif slot.persistent and slot.tensor.device.type == "meta":
+        elif slot.persistent:  # also a real tensor: it would keep its initial values unnoticed
             missing.append(" = ".join(slot.names))
     unexpected = sorted(stored[name] for name in names - {name for slot in slots for name in slot.names})
     if missing:
@@ -410,7 +415,8 @@ def _load(
             value = value.to(target_dtype or slot.tensor.dtype)
         _assign(slot, value.to(device_of(slot.names[0])))
 
-    _finish(model, [s for s in slots if id(s) not in sources and s.tensor.device.type == "meta"], device_of, rebuild)
+    unloaded = [s for s in slots if id(s) not in sources and s.tensor.device.type == "meta"]
+    _finish(model, unloaded, device_of, rebuild, target_dtype)
     if device_map is not None and len({str(d) for d in device_map.values()}) > 1:
         from accelerate import dispatch_model
 
@@ -424,6 +430,7 @@ def _finish(
     unloaded: list[_Slot],
     device_of: Callable[[str], torch.device],
     rebuild: Callable[[], nn.Module] | None,
+    dtype: torch.dtype | None,
 ) -> None:
     """Recompute buffers the checkpoint does not hold, tie, wire kernels, and make sure nothing stays on meta."""
     if unloaded and _is_transformers_model(model):
@@ -431,7 +438,7 @@ def _finish(
         if rebuild is None:
             rebuild = _transformers_rebuild(model)
     if unloaded and rebuild is not None:
-        unloaded = _recompute_by_rebuilding(unloaded, rebuild, device_of)
+        unloaded = _recompute_by_rebuilding(unloaded, rebuild, device_of, dtype)
     if _is_transformers_model(model):
         _tie_weights(model)
     for module in model.modules():
@@ -455,6 +462,28 @@ def _checkpoint_dtype(model_config: Mapping[str, Any]) -> torch.dtype | None:
     return parse_float_dtype(name, "config.json torch_dtype") if isinstance(name, str) and name != "auto" else None
 
 
+def _build_with_renamed_skips(
+    build: Callable[[AqlmConfig], nn.Module], config: AqlmConfig
+) -> tuple[nn.Module, AqlmConfig]:
+    """Build with the checkpoint's skip list, and again with it renamed if the model's modules declare checkpoint
+    renames (hub skip lists name checkpoint tensors, e.g. Mixtral's ``block_sparse_moe``, which the module that
+    stands in for it is not called). Returns the model and the config it was built with.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build(config)
+    renames = checkpoint_renames(model)
+    skip = tuple(
+        apply_renames(p, renames) if isinstance(p, str) and not p.startswith("re:") else p for p in config.skip
+    )
+    if skip == config.skip:
+        for warning in caught:  # the build stands: its warnings are the user's
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return model, config
+    renamed = config.replace(skip=skip)
+    return build(renamed), renamed
+
+
 def _build_transformers_model(
     path: Path, model_config: Mapping[str, Any], config: AqlmConfig, dtype: torch.dtype
 ) -> nn.Module:
@@ -476,11 +505,15 @@ def _build_transformers_model(
         data.pop("auto_map", None)
     data.pop("quantization_config", None)
     hf_config = transformers.AutoConfig.for_model(**data)
-    with aqlm_quantized(config):
-        model = model_class._from_config(hf_config, dtype=dtype)
+
+    def build(config: AqlmConfig) -> nn.Module:
+        with aqlm_quantized(config):
+            return model_class._from_config(hf_config, dtype=dtype)
+
+    model, _ = _build_with_renamed_skips(build, config)
     generation = path / "generation_config.json"
     if generation.is_file() and hasattr(model, "generation_config"):
-        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+        setattr(model, "generation_config", transformers.GenerationConfig.from_pretrained(path))  # noqa: B010
     return model
 
 
@@ -493,8 +526,9 @@ def from_pretrained(
 
     Reads ``config.json`` (its ``quantization_config``, or a legacy top-level ``"aqlm"`` block, and ``torch_dtype``),
     builds the model with ``model_fn`` or else the transformers class the config names (never code from the
-    checkpoint directory), honours the checkpoint's skip list in both forms (``lm_head.weight`` and ``lm_head``) and
-    loads it with :func:`load_checkpoint`.
+    checkpoint directory), honours the checkpoint's skip list in both forms (``lm_head.weight`` and ``lm_head``; renamed
+    onto module paths where the model's modules declare checkpoint renames, as the stand-in for Mixtral's experts
+    does) and loads it with :func:`load_checkpoint`.
 
     Args:
         path: the checkpoint directory.
@@ -511,12 +545,6 @@ def from_pretrained(
     directory = Path(path)
     model_config, block = read_checkpoint_config(directory)
     config = AqlmConfig.from_dict(block)
-    renames = registered_renames()  # hub skip lists name checkpoint tensors: map them onto module paths
-    config = config.replace(
-        skip=tuple(
-            apply_renames(p, renames) if isinstance(p, str) and not p.startswith("re:") else p for p in config.skip
-        )
-    )
     dtype = _parse_dtype(load_kwargs.pop("dtype", None)) or _checkpoint_dtype(model_config) or torch.float32
     # load_checkpoint's keyword arguments, less those from_pretrained passes itself; checked before the (slow) build.
     unknown = set(load_kwargs) - (set(inspect.signature(load_checkpoint).parameters) - {"model", "path", "rebuild"})
@@ -526,13 +554,17 @@ def from_pretrained(
         model = _build_transformers_model(directory, model_config, config, dtype)
         rebuild = None
     else:
-        with aqlm_quantized(config):
-            model = model_fn()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model_fn returned {type(model).__name__}, not a torch.nn.Module")
+
+        def build(config: AqlmConfig, init_on_meta: bool = True) -> nn.Module:
+            with aqlm_quantized(config, init_on_meta=init_on_meta):
+                model = model_fn()
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model_fn returned {type(model).__name__}, not a torch.nn.Module")
+            return model
+
+        model, config = _build_with_renamed_skips(build, config)
 
         def rebuild() -> nn.Module:
-            with aqlm_quantized(config, init_on_meta=False):
-                return model_fn()
+            return build(config, init_on_meta=False)
 
     return load_checkpoint(model, directory, dtype=dtype, rebuild=rebuild, **load_kwargs)

@@ -34,7 +34,6 @@ __all__ = [
     "checkpoint_renames",
     "fused_experts_substitution",
     "register_substitution",
-    "registered_renames",
     "substitution_for",
 ]
 
@@ -183,15 +182,6 @@ def substitution_for(module: nn.Module) -> Substitution | None:
             with _LOCK:
                 found = _REGISTRY.setdefault(cls, fused_experts_substitution(cls, *default))
     return found
-
-
-def registered_renames() -> list[tuple[str, str]]:
-    """The checkpoint renames of every registered and default substitution (each once)."""
-    renames: list[tuple[str, str]] = []
-    candidates = [s.checkpoint_renames for s in _REGISTRY.values()] + [d[1] for d in _DEFAULTS.values()]
-    for group in candidates:
-        renames.extend(rename for rename in group if rename not in renames)
-    return renames
 
 
 def checkpoint_renames(model: nn.Module) -> list[tuple[str, str]]:

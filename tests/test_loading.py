@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numba
@@ -14,6 +15,7 @@ from torch import nn
 
 import aqlm_ctx
 from aqlm_ctx import AqlmConfig, aqlm_quantized, from_pretrained, load_checkpoint, save_checkpoint
+from aqlm_ctx.testing import random_tensors
 
 from .hub import dequantize, encode_random, write_llama_checkpoint
 
@@ -164,6 +166,56 @@ def test_own_architecture_from_its_own_checkpoint(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids), dense(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_own_architecture_in_fp16_gets_its_rebuilt_buffers_in_fp16(tmp_path: Path) -> None:
+    """Buffers recomputed by building the model again take the loaded dtype, as ``model.half()`` would give them."""
+    config = AqlmConfig(num_codebooks=2, nbits_per_codebook=8, skip=["head"])
+    with aqlm_quantized(config, init_on_meta=False):
+        model = OwnLM()
+    aqlm_ctx.load_tensors(model, random_tensors(model, dtype=torch.float16))
+    save_checkpoint(model.half(), tmp_path)
+    loaded = from_pretrained(tmp_path, model_fn=OwnLM)
+    assert loaded.tok.weight.dtype == loaded.offset.dtype == torch.float16
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_missing_tensors_are_reported_for_a_skeleton_with_real_tensors(tmp_path: Path) -> None:
+    """A skeleton built with real tensors (init_on_meta=False) would silently keep a missing tensor's init."""
+    config = AqlmConfig(num_codebooks=2, nbits_per_codebook=8, skip=["head"])
+    with aqlm_quantized(config):
+        model = OwnLM()
+    tensors = random_tensors(model)
+    del tensors["head.weight"]
+    with aqlm_quantized(config, init_on_meta=False):
+        real = OwnLM()
+    with pytest.raises(ValueError, match=r"missing from the checkpoint:\n  head\.weight"):
+        aqlm_ctx.load_tensors(real, tensors)
+
+
+class OwnMoE(nn.Module):
+    """Its own module is called ``block_sparse_moe``, the Mixtral name that hub skip lists are renamed from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        experts = {"gate": nn.Linear(32, 8, bias=False), "w1": nn.Linear(32, 32)}
+        self.layers = nn.ModuleList([nn.ModuleDict({"block_sparse_moe": nn.ModuleDict(experts)})])
+
+
+def test_skip_lists_are_renamed_only_for_models_that_declare_the_rename(tmp_path: Path) -> None:
+    config = AqlmConfig(num_codebooks=2, nbits_per_codebook=8, skip=["gate"])
+    with aqlm_quantized(config):
+        model = OwnMoE()
+    aqlm_ctx.load_tensors(model, random_tensors(model))
+    save_checkpoint(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = from_pretrained(tmp_path, model_fn=OwnMoE)
+    moe = loaded.layers[0]["block_sparse_moe"]
+    assert type(moe["gate"]) is nn.Linear and type(moe["w1"]) is QuantizedLinear
+    assert torch.equal(moe["gate"].weight, model.layers[0]["block_sparse_moe"]["gate"].weight)
 
 
 @pytest.mark.parametrize("max_shard_size", ["5GB", 20_000])
