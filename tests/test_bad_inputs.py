@@ -237,6 +237,10 @@ def _load_dtype(ckpt: Path) -> None:
     load_checkpoint(skeleton(), ckpt, dtype="int8")
 
 
+def _forward_before_load(ckpt: Path) -> None:
+    skeleton().proj(torch.randn(2, 16))
+
+
 # (id, action, exception type, regex the message must match: what was wrong and where)
 CASES: list[tuple[str, Callable[[Path], Any], type[Exception], str]] = [
     # -- configs
@@ -431,6 +435,13 @@ CASES: list[tuple[str, Callable[[Path], Any], type[Exception], str]] = [
     ),
     ("load-device-and-map", _device_and_map, ValueError, r"pass either device or device_map"),
     ("load-dtype-int", _load_dtype, ValueError, r"^dtype must be a floating dtype .*got torch\.int8"),
+    (
+        "forward-before-load",
+        _forward_before_load,
+        RuntimeError,
+        r"AQLM layer \(16x16\) was called with an input on cpu while its codes are on the meta device.*load a "
+        r"checkpoint into it first",
+    ),
     # -- decorator misuse
     ("decorator-bare", _bare_decorator, TypeError, r"needs a config: write @quantize_model\(config.*above .*build"),
     ("decorator-non-callable", _decorate_non_callable, TypeError, r"decorates a callable model factory, got int"),

@@ -151,7 +151,13 @@ def aqlm_matmul(
     Gradients: to the input and bias through the fast forward kernel and a dequantized backward; to codebooks or
     scales (when they require grad) through the plain-torch path, so every gradient is exact.
     """
-    if "meta" in (input.device.type, codes.device.type):
+    if codes.is_meta and not input.is_meta:
+        raise RuntimeError(
+            f"an AQLM layer ({codes.shape[0] * codebooks.shape[2]}x{codes.shape[1] * codebooks.shape[3]}) was called "
+            f"with an input on {input.device} while its codes are on the meta device: the model has no weights yet; "
+            "load a checkpoint into it first (aqlm_ctx.load_checkpoint or aqlm_ctx.from_pretrained)"
+        )
+    if input.is_meta:
         return _meta_matmul(input, codes, codebooks)
     if not torch.is_grad_enabled():
         return _forward_kernel(input, codes, codebooks, scales, bias)
