@@ -106,17 +106,16 @@ class _BuiltLayer:
 class _Block:
     """One open ``with aqlm_quantized(...)`` in one thread or task.
 
-    Modules that were attached to others are held weakly: a temporary container that is gone when the block ends
-    is no model, and a module that is gone is nobody's child (its ``id`` may be a new module's by then).
+    ``parents`` are the modules something was attached to, the one attached to last at the end; ``children`` are
+    held weakly, so a module that is gone is nobody's child (its ``id`` may be a new module's by then).
     """
 
     owner: aqlm_quantized
     thread: int = field(default_factory=threading.get_ident)
     layers: list[_BuiltLayer] = field(default_factory=list)
-    parents: list[weakref.ref[nn.Module]] = field(default_factory=list)
+    parents: dict[int, nn.Module] = field(default_factory=dict)
     templates: dict[tuple[int, int, bool, torch.dtype], QuantizedLinear] = field(default_factory=dict)
     children: weakref.WeakSet[nn.Module] = field(default_factory=weakref.WeakSet)
-    seen_parents: weakref.WeakSet[nn.Module] = field(default_factory=weakref.WeakSet)
 
     def build_linear(
         self,
@@ -175,9 +174,8 @@ class _Block:
         module.__class__ = QuantizedLinear
 
     def note_registration(self, parent: nn.Module, child: nn.Module) -> None:
-        if parent not in self.seen_parents:
-            self.seen_parents.add(parent)
-            self.parents.append(weakref.ref(parent))
+        self.parents.pop(id(parent), None)
+        self.parents[id(parent)] = parent
         self.children.add(child)
 
     @staticmethod
@@ -206,8 +204,9 @@ class _Block:
             ValueError: layers that are not skipped cannot be split into the config's groups; nothing changed.
         """
         matcher, config = self.owner.matcher, self.owner.config
-        parents = (ref() for ref in self.parents)
-        roots = [*first_roots, *(m for m in parents if m is not None and m not in self.children)]
+        # Models attached to last first: a layer that passed through a temporary container (nn.Sequential(layer)
+        # to count its parameters) takes its path from the model it ended up in.
+        roots = [*first_roots, *(m for m in reversed(self.parents.values()) if m not in self.children)]
         roots += [layer.module for layer in self.layers]  # layers attached to nothing are their own roots
         pending = {id(layer.module): layer for layer in self.layers}
         present = self._as_built(pending) if matcher.has_callables else None
