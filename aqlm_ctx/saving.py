@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,12 +16,15 @@ import torch
 from aqlm import QuantizedLinear
 from torch import nn
 
-from .checkpoint import write_safetensors, write_text_atomically
+from .checkpoint import SAFETENSORS, SAFETENSORS_INDEX, write_safetensors
 from .config import AqlmConfig
 
 __all__ = ["save_checkpoint"]
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+_CONFIG = "config.json"
+_GENERATION_CONFIG = "generation_config.json"
 
 
 def _parse_size(size: int | str) -> int:
@@ -42,17 +48,64 @@ def _model_format(model: nn.Module) -> AqlmConfig:
     return AqlmConfig(*formats.pop())
 
 
-def _checkpoint_codes(layer: QuantizedLinear) -> torch.Tensor:
-    """Codes in the checkpoint layout, undoing the in-place permutation aqlm's CPU kernel makes on first use."""
-    expected = (
-        layer.out_features // layer.out_group_size,
-        layer.in_features // layer.in_group_size,
-        layer.num_codebooks,
-    )
+def _aqlm_kernel(layer: QuantizedLinear) -> str | None:
+    """Which of aqlm's own kernels the layer cached on its first forward, if aqlm chose one.
+
+    aqlm's ``prepare_matmul_op`` caches ``gemv_op``/``gemm_op`` classes built by ``_get_autograd_matmul_op``, whose
+    ``forward`` closes over the kernel. Returns ``None`` when no aqlm op is cached (never run, or aqlm_ctx's own
+    kernels installed), ``"numba"`` for the CPU kernel, ``"cuda"`` for the CUDA and Triton kernels, and the kernel's
+    name (or ``"unknown"``) otherwise.
+    """
+    for op in (getattr(layer, "gemv_op", None), getattr(layer, "gemm_op", None)):
+        if op is None or getattr(op, "__module__", None) != "aqlm.inference":
+            continue
+        try:
+            kernel = inspect.getclosurevars(op.forward).nonlocals.get("forward_pass_kernel")
+        except (AttributeError, TypeError):
+            return "unknown"
+        if isinstance(kernel, torch._ops.OpOverloadPacket) or getattr(kernel, "__module__", "").endswith(
+            "triton_kernel"
+        ):
+            return "cuda"
+        if getattr(kernel, "__module__", "").endswith("numba_kernel"):
+            return "numba"
+        return getattr(kernel, "__name__", None) or "unknown"
+    return None
+
+
+def _checkpoint_codes(name: str, layer: QuantizedLinear) -> torch.Tensor:
+    """Codes in the checkpoint layout, undoing the in-place permutation aqlm's CPU kernel makes on first use.
+
+    aqlm's first forward of an 8-bit layer on CPU permutes ``codes`` in place to ``[in_groups, out_groups, C]``.
+    Where the two group counts differ the shape tells; where they are equal (square codes) the kernel aqlm cached
+    tells: its CPU (numba) kernel reads the permuted layout, its CUDA kernels the checkpoint layout.
+
+    Raises:
+        ValueError: the codes are square and aqlm cached a kernel that runs on both CPU and CUDA (its generic
+            dequantize kernel), so whether they were permuted cannot be told.
+    """
+    out_groups = layer.out_features // layer.out_group_size
+    in_groups = layer.in_features // layer.in_group_size
     codes = layer.codes.data
-    if tuple(codes.shape) != expected and tuple(codes.shape) == (expected[1], expected[0], expected[2]):
-        codes = codes.permute(1, 0, 2)
-    return codes.contiguous()
+    shape = tuple(codes.shape)
+    if out_groups != in_groups:
+        if shape == (in_groups, out_groups, layer.num_codebooks):
+            codes = codes.permute(1, 0, 2)
+        return codes.contiguous()
+    if layer.codebook_size != 256:  # aqlm permutes only codes with 256-entry codebooks
+        return codes.contiguous()
+    kernel = _aqlm_kernel(layer)
+    if kernel is None or kernel == "cuda":
+        return codes.contiguous()
+    if kernel == "numba":
+        return codes.permute(1, 0, 2).contiguous()
+    raise ValueError(
+        f"cannot tell the layout of {name} {list(shape)}: aqlm's own kernel ({kernel}) has run on this layer, and "
+        "aqlm permutes 8-bit codes in place to [in_groups, out_groups, codebooks] when its first forward gets a "
+        "CPU input but not a CUDA one; with as many input as output groups the shape does not say which happened. "
+        "Load the model with aqlm_ctx (from_pretrained / load_checkpoint, whose kernels never permute codes), or "
+        "save before running it with aqlm's own kernels"
+    )
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,7 +116,7 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if id(tensor) in seen:  # a tied parameter is stored once, under its first name
             continue
         seen.add(id(tensor))
-        tensors[name] = _checkpoint_codes(layers[id(tensor)]) if id(tensor) in layers else tensor.data
+        tensors[name] = _checkpoint_codes(name, layers[id(tensor)]) if id(tensor) in layers else tensor.data
     on_meta = [name for name, tensor in tensors.items() if tensor.device.type == "meta"]
     if on_meta:
         raise ValueError(
@@ -73,12 +126,32 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _dense_weights(model: nn.Module) -> list[str]:
+def _skip_list(model: nn.Module) -> list[str]:
+    """Every dense weight, by parameter name (transformers 4 matches these) and by module name (transformers 5)."""
     names = []
     for path, module in model.named_modules():
         if not isinstance(module, QuantizedLinear) and isinstance(module._parameters.get("weight"), torch.Tensor):
-            names.append(f"{path}.weight" if path else "weight")
+            names.extend([f"{path}.weight", path] if path else ["weight"])
     return names
+
+
+def _checkpoint_weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint in ``directory``: ``model.safetensors``, shards named like
+    ``model-00001-of-00002.safetensors``, the shard index and the ``.safetensors`` files it lists."""
+    if not directory.is_dir():
+        return []
+    names = {
+        entry.name
+        for entry in directory.iterdir()
+        if entry.name in (SAFETENSORS, SAFETENSORS_INDEX) or _SHARD.fullmatch(entry.name)
+    }
+    try:
+        weight_map = json.loads((directory / SAFETENSORS_INDEX).read_text(encoding="utf-8"))["weight_map"]
+        listed = [file for file in weight_map.values() if isinstance(file, str)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        listed = []
+    names.update(file for file in listed if file.endswith(".safetensors") and Path(file).name == file)
+    return [directory / name for name in sorted(names) if (directory / name).is_file()]
 
 
 def save_checkpoint(
@@ -92,10 +165,16 @@ def save_checkpoint(
     """Write ``model`` as an HF-format AQLM checkpoint that :func:`aqlm_ctx.from_pretrained` and transformers read.
 
     Writes ``config.json`` (the transformers config for transformers models, else ``model_config``, with a
-    ``quantization_config`` block whose ``linear_weights_not_to_quantize`` lists every dense weight) and the tensors
-    as ``model.safetensors`` or, above ``max_shard_size``, as shards with ``model.safetensors.index.json``. Tied
-    parameters are stored once; codes are stored in the checkpoint layout even after CPU inference with aqlm's own
-    kernels. A save followed by a load is bit-exact.
+    ``quantization_config`` block whose ``linear_weights_not_to_quantize`` lists every dense weight both as
+    ``lm_head.weight`` and as ``lm_head``, the forms transformers 4 and 5 match), ``generation_config.json`` for
+    models that have one, and the tensors as ``model.safetensors`` or, above ``max_shard_size``, as shards with
+    ``model.safetensors.index.json``. Tied parameters are stored once; codes are stored in the checkpoint layout even
+    after CPU inference with aqlm's own kernels. A save followed by a load is bit-exact.
+
+    Every file is first written to a temporary folder inside ``path`` and then renamed into place, so a save that
+    fails leaves an existing checkpoint as it was. With ``overwrite`` the old checkpoint's weight files that the new
+    one does not write (a single file replaced by shards, or the reverse) are removed afterwards; other files in
+    ``path`` are never touched.
 
     Args:
         model: a model with real (not meta) tensors whose QuantizedLinear layers share one format.
@@ -108,26 +187,27 @@ def save_checkpoint(
         The files written.
 
     Raises:
-        FileExistsError: ``path`` already holds a checkpoint and ``overwrite`` is false.
-        ValueError: tensors are on meta, the quantized layers have several formats or none, bad ``max_shard_size``.
+        FileExistsError: ``path`` already holds a file the save would replace or remove (``config.json``,
+            ``generation_config.json``, weight files) and ``overwrite`` is false.
+        ValueError: tensors are on meta, the quantized layers have several formats or none, bad ``max_shard_size``,
+            or square 8-bit codes whose layout cannot be told after aqlm's own generic kernel ran on them.
     """
     directory = Path(path)
     limit = _parse_size(max_shard_size)
     config = _model_format(model)
     tensors = _tensors(model)
-    existing = [
-        name
-        for name in ("config.json", "model.safetensors", "model.safetensors.index.json")
-        if (directory / name).exists()
-    ]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{directory} already holds a checkpoint ({', '.join(existing)}); pass overwrite=True to replace it"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in [*directory.glob("model-*-of-*.safetensors"), directory / "model.safetensors.index.json"]:
-        if overwrite and stale.exists():
-            stale.unlink()
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and not hasattr(generation, "save_pretrained"):
+        generation = None
+    stale = _checkpoint_weight_files(directory)
+    if not overwrite:
+        others = [_CONFIG, *([_GENERATION_CONFIG] if generation is not None else [])]
+        existing = [file.name for file in stale] + [name for name in others if (directory / name).exists()]
+        if existing:
+            raise FileExistsError(
+                f"{directory} already holds {', '.join(existing)}, which save_checkpoint would replace or remove; "
+                "pass overwrite=True to replace the checkpoint"
+            )
     codebooks = next(layer.codebooks for layer in model.modules() if isinstance(layer, QuantizedLinear))
     hf_config = getattr(model, "config", None)
     data: dict[str, Any] = dict(hf_config.to_dict()) if hf_config is not None and hasattr(hf_config, "to_dict") else {}
@@ -142,12 +222,26 @@ def save_checkpoint(
         "out_group_size": config.out_group_size,
         "num_codebooks": config.num_codebooks,
         "nbits_per_codebook": config.nbits_per_codebook,
-        "linear_weights_not_to_quantize": _dense_weights(model),
+        "linear_weights_not_to_quantize": _skip_list(model),
     }
-    files = write_safetensors(directory, tensors, limit, {"format": "pt"})
-    write_text_atomically(directory / "config.json", json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and hasattr(generation, "save_pretrained"):
-        generation.save_pretrained(directory)
-        files.append(directory / "generation_config.json")
-    return [*files, directory / "config.json"]
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".aqlm_ctx-save-", dir=directory))
+    try:
+        staged = write_safetensors(staging, tensors, limit, {"format": "pt"})
+        if generation is not None:
+            generation.save_pretrained(staging)
+            staged.append(staging / _GENERATION_CONFIG)
+        (staging / _CONFIG).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", "utf-8")
+        staged.append(staging / _CONFIG)
+        # Weights first, configs after them; each rename gives the file a new inode, so a model loaded from (and
+        # still mapping) an old file is unaffected.
+        files: list[Path] = []
+        for file in staged:
+            os.replace(file, directory / file.name)
+            files.append(directory / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for file in stale:
+        if file not in files:
+            file.unlink(missing_ok=True)
+    return files
