@@ -26,6 +26,7 @@ __all__ = [
     "TensorReader",
     "find_checkpoint_files",
     "open_checkpoint",
+    "pickle_only",
     "write_safetensors",
 ]
 
@@ -74,13 +75,47 @@ def _read_index(index: Path) -> dict[str, Path]:
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{index} is not a valid shard index (expected a 'weight_map' object): {error}") from error
-    files = {name: index.parent / str(file) for name, file in weight_map.items()}
-    missing = sorted({str(file.name) for file in files.values() if not file.is_file()})
-    if missing:
-        raise FileNotFoundError(f"{index} lists shard files that do not exist: {', '.join(missing)}")
+    bad = [name for name, file in weight_map.items() if not isinstance(file, str) or not file]
+    if bad:
+        raise ValueError(
+            f"{index}: weight_map must map each tensor name to a shard file name, got {weight_map[bad[0]]!r} for "
+            f"tensor {bad[0]}"
+        )
+    files = {name: index.parent / file for name, file in weight_map.items()}
+    absent: dict[str, list[str]] = {}
+    for name, file in files.items():
+        if not file.is_file():
+            absent.setdefault(weight_map[name], []).append(name)
+    if absent:
+        listed = "; ".join(f"{file} (for {len(names)} tensor(s), e.g. {names[0]})" for file, names in absent.items())
+        raise FileNotFoundError(f"{index} lists shard files that do not exist: {listed}")
     return files
+
+
+def _check_index(index: Path, weight_map: Mapping[str, Path], keys: Mapping[Path, list[str]]) -> None:
+    """Every tensor the index lists is in its shard, and every tensor of a shard is listed."""
+    held = {file: set(names) for file, names in keys.items()}
+    for name, file in weight_map.items():
+        if name not in held[file]:
+            others = [other.name for other, names in held.items() if name in names]
+            actual = f"; it is in {', '.join(others)}" if others else "; no shard the index lists holds it"
+            raise ValueError(f"{index} maps tensor {name} to {file.name}, which does not hold it{actual}")
+    for file, names in keys.items():
+        unlisted = [name for name in names if name not in weight_map]
+        if unlisted:
+            raise ValueError(
+                f"{index} does not list {len(unlisted)} tensor(s) that {file.name} holds, e.g. {unlisted[0]}; "
+                "the index must name every tensor of its shards"
+            )
+
+
+def pickle_only(directory: Path) -> str | None:
+    """The pickle weight file a directory would be read from (index first), if it holds no safetensors weights."""
+    if (directory / SAFETENSORS_INDEX).is_file() or (directory / SAFETENSORS).is_file():
+        return None
+    return next((name for name in (PICKLE_INDEX, PICKLE) if (directory / name).is_file()), None)
 
 
 def find_checkpoint_files(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> CheckpointFiles:
@@ -91,29 +126,36 @@ def find_checkpoint_files(path: str | os.PathLike[str], *, allow_pickle: bool = 
         allow_pickle: accept ``pytorch_model.bin`` files when no safetensors exist (read with ``weights_only=True``).
 
     Raises:
-        FileNotFoundError: ``path`` is not a directory, or it holds no weight files (the message lists what it holds).
-        ValueError: only pickle files exist and ``allow_pickle`` is false; a file or index is corrupt.
+        FileNotFoundError: ``path`` is not a directory, it holds no weight files (the message lists what it holds),
+            or its shard index lists shard files that do not exist.
+        ValueError: only pickle files exist and ``allow_pickle`` is false; a file or index is corrupt; the shard
+            index maps a tensor to a shard that does not hold it, or leaves out a tensor that a shard holds.
     """
     directory = Path(path)
     if not directory.is_dir():
+        if directory.is_file():
+            raise FileNotFoundError(
+                f"{os.fspath(path)!r} is a file, not a checkpoint directory; pass the directory that holds it "
+                f"({os.fspath(directory.parent)!r})"
+            )
         raise FileNotFoundError(f"checkpoint directory {os.fspath(path)!r} does not exist or is not a directory")
     if (directory / SAFETENSORS_INDEX).is_file():
         weight_map = _read_index(directory / SAFETENSORS_INDEX)
-        for file in set(weight_map.values()):
-            _safetensors_keys(file)  # fail early on a corrupt shard
+        keys = {file: _safetensors_keys(file) for file in sorted(set(weight_map.values()))}  # fail early if corrupt
+        _check_index(directory / SAFETENSORS_INDEX, weight_map, keys)
         return CheckpointFiles(directory, weight_map, pickle=False)
     if (directory / SAFETENSORS).is_file():
         file = directory / SAFETENSORS
         return CheckpointFiles(directory, {name: file for name in _safetensors_keys(file)}, pickle=False)
-    pickles = [name for name in (PICKLE_INDEX, PICKLE) if (directory / name).is_file()]
-    if pickles:
+    pickled = pickle_only(directory)
+    if pickled is not None:
         if not allow_pickle:
             raise ValueError(
-                f"{directory} holds only pickle weights ({pickles[0]}); unpickling can run arbitrary code, so it is "
+                f"{directory} holds only pickle weights ({pickled}); unpickling can run arbitrary code, so it is "
                 "refused. Convert the checkpoint to safetensors, or pass allow_pickle=True to read it with "
                 "torch.load(weights_only=True)"
             )
-        if pickles[0] == PICKLE_INDEX:
+        if pickled == PICKLE_INDEX:
             return CheckpointFiles(directory, _read_index(directory / PICKLE_INDEX), pickle=True)
         file = directory / PICKLE
         return CheckpointFiles(directory, {name: file for name in _load_pickle(file)}, pickle=True)
@@ -156,13 +198,28 @@ class TensorReader:
                     raise _corrupt(file, error) from error
         return self._handles[file]
 
+    def _not_in_file(self, name: str) -> ValueError:
+        return ValueError(
+            f"{self._files.weight_map[name]} does not hold tensor {name}, which the checkpoint's shard index maps to it"
+        )
+
     def dtype_and_shape(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        """The dtype and shape of a tensor without reading its data."""
+        """The dtype and shape of a tensor without reading its data.
+
+        Raises:
+            KeyError: ``name`` is not a tensor of the checkpoint.
+            ValueError: the file the index names does not hold the tensor, or its dtype is not supported.
+        """
         handle = self._handle(self._files.weight_map[name])
         if self._files.pickle:
+            if name not in handle:
+                raise self._not_in_file(name)
             tensor = handle[name]
             return tensor.dtype, tuple(tensor.shape)
-        view = handle.get_slice(name)
+        try:
+            view = handle.get_slice(name)
+        except SafetensorError as error:
+            raise self._not_in_file(name) from error
         stored = view.get_dtype()
         if stored not in _SAFETENSORS_DTYPES:
             raise ValueError(
@@ -172,10 +229,12 @@ class TensorReader:
         return _SAFETENSORS_DTYPES[stored], tuple(view.get_shape())
 
     def read(self, name: str) -> torch.Tensor:
-        """The tensor's data, on CPU."""
+        """The tensor's data, on CPU (raises as :meth:`dtype_and_shape`, and ValueError for a corrupt file)."""
         file = self._files.weight_map[name]
         handle = self._handle(file)
         if self._files.pickle:
+            if name not in handle:
+                raise self._not_in_file(name)
             return handle[name]
         try:
             return handle.get_tensor(name)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import find_checkpoint_files, open_checkpoint
+from .checkpoint import TensorReader, find_checkpoint_files, open_checkpoint, pickle_only
 from .config import AqlmConfig, read_checkpoint_config
 from .matching import SkipMatcher
 
@@ -29,10 +29,86 @@ def _module_paths_from_names(names: list[str]) -> nn.Module:
     for name in names:
         node = root
         for part in name.split(".")[:-1]:
-            if part not in node._modules:
-                node.add_module(part, nn.Module())
-            node = node._modules[part]  # type: ignore[assignment]
+            # Straight into _modules: any name a tensor may have ("", "training") is a path here, not an attribute.
+            node = node._modules.setdefault(part, nn.Module())  # type: ignore[assignment]
     return root
+
+
+def _checkpoint_directory(path: Path) -> Path:
+    """The directory ``path`` names: itself, or the checkpoint directory of a file in it (config.json, a shard)."""
+    if not path.is_file():
+        return path
+    if not (path.parent / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is a file, and its directory {path.parent} holds no config.json: expected an AQLM checkpoint "
+            "directory or a file inside one"
+        )
+    return path.parent
+
+
+def _parse_config(file: Path, block: dict[str, Any]) -> AqlmConfig:
+    """The checkpoint's config; a bad field is a ValueError that names the file."""
+    try:
+        return AqlmConfig.from_dict(block)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{file}: quantization_config: {error}") from error
+
+
+def _architecture(file: Path, model_config: dict[str, Any]) -> str:
+    """The first class name in the config's ``architectures`` list, or "unknown" where it has none."""
+    names = model_config.get("architectures")
+    if names is None or names == []:
+        return "unknown"
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{file}: 'architectures' must be a list of class names, got {names!r}")
+    return names[0]
+
+
+_LAYER_PARTS = ("codes", "codebooks", "scales")
+
+
+def _check_parts_present(names: set[str]) -> list[str]:
+    """The quantized layers' module paths (those with codes or codebooks), checked to have all three parts."""
+    modules = sorted({name.rpartition(".")[0] for name in names if name.rpartition(".")[2] in _LAYER_PARTS[:2]})
+    for module in modules:
+        have = [part for part in _LAYER_PARTS if f"{module}.{part}" in names]
+        if len(have) < len(_LAYER_PARTS):
+            lacking = [f"{module}.{part}" for part in _LAYER_PARTS if part not in have]
+            raise ValueError(
+                f"quantized layer {module} has {' and '.join(have)} but no {' or '.join(lacking)}; "
+                "an AQLM layer needs codes, codebooks and scales"
+            )
+    return modules
+
+
+def _layer_bits(reader: TensorReader, module: str, config: AqlmConfig) -> tuple[int, int]:
+    """Bits on disk and weights of the quantized layer ``module``, after checking its tensors against ``config``."""
+    parts = {part: reader.dtype_and_shape(f"{module}.{part}") for part in _LAYER_PARTS}
+    codes_dtype, codes_shape = parts["codes"]
+    if len(codes_shape) != 3 or codes_shape[2] != config.num_codebooks:
+        raise ValueError(
+            f"{module}.codes: shape {list(codes_shape)} in the checkpoint, expected [out_groups, in_groups, "
+            f"{config.num_codebooks}] for the checkpoint's {config.format_name} config"
+        )
+    if codes_dtype != config.code_dtype:
+        raise ValueError(
+            f"{module}.codes: codes are {codes_dtype} in the checkpoint, but nbits_per_codebook="
+            f"{config.nbits_per_codebook} needs {config.code_dtype}"
+        )
+    out_groups, in_groups, _ = codes_shape
+    group = (config.out_group_size, config.in_group_size)
+    expected = {"codebooks": (config.num_codebooks, config.codebook_size, *group), "scales": (out_groups, 1, 1, 1)}
+    for part, shape in expected.items():
+        dtype, stored = parts[part]
+        if stored != shape:
+            raise ValueError(
+                f"{module}.{part}: shape {list(stored)} in the checkpoint, expected {list(shape)} for "
+                f"{config.format_name} codes of shape {list(codes_shape)}"
+            )
+        if not dtype.is_floating_point:
+            raise ValueError(f"{module}.{part}: dtype {dtype} in the checkpoint, expected a floating dtype")
+    bits = sum(_FLOAT_BITS.get(str(dtype), dtype.itemsize * 8) * math.prod(shape) for dtype, shape in parts.values())
+    return bits, out_groups * in_groups * group[0] * group[1]
 
 
 def _skeleton(path: Path, model_config: dict[str, Any], config: AqlmConfig) -> nn.Module | None:
@@ -47,47 +123,52 @@ def _skeleton(path: Path, model_config: dict[str, Any], config: AqlmConfig) -> n
         return None
 
 
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+def _dense_layers(reader: TensorReader, names: list[str]) -> list[str]:
+    """Module paths of the tensors named ``weight`` with two or more dimensions."""
+    dense = []
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and len(reader.dtype_and_shape(name)[1]) >= 2:
+            dense.append(module)
+    return dense
+
+
+def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """Describe an AQLM checkpoint without loading its tensors.
+
+    Args:
+        path: the checkpoint directory, or a file inside it (``config.json``, a weight file): its directory is read.
+        allow_pickle: read ``pytorch_model.bin`` weights (with ``torch.load(weights_only=True)``) if no safetensors.
 
     Returns:
         A dict with the config, layer counts, bits per weight, on-disk size and the skip patterns that match no
         module of the architecture.
 
     Raises:
-        FileNotFoundError, ValueError: ``path`` is not a readable AQLM checkpoint.
+        FileNotFoundError, ValueError: ``path`` is not a readable AQLM checkpoint, or a quantized layer's tensors
+            are missing or do not fit its config (the message names the tensor).
     """
-    directory = Path(path)
+    directory = _checkpoint_directory(Path(path))
     model_config, block = read_checkpoint_config(directory)
-    config = AqlmConfig.from_dict(block)
-    files = find_checkpoint_files(directory)
-    quantized: list[str] = []
-    dense: list[str] = []
+    config = _parse_config(directory / "config.json", block)
+    architecture = _architecture(directory / "config.json", model_config)
+    files = find_checkpoint_files(directory, allow_pickle=allow_pickle)
     code_bits = weights = 0
     with open_checkpoint(files) as reader:
         names = reader.names()
         name_set = set(names)
-        for name in names:
-            module, _, leaf = name.rpartition(".")
-            shape = reader.dtype_and_shape(name)[1]
-            if leaf == "codes":
-                quantized.append(module)
-                _, books_shape = reader.dtype_and_shape(f"{module}.codebooks")
-                out_groups, in_groups, _ = shape
-                weights += out_groups * books_shape[2] * in_groups * books_shape[3]
-                for part in ("codes", "codebooks", "scales"):
-                    part_dtype, part_shape = reader.dtype_and_shape(f"{module}.{part}")
-                    bits = _FLOAT_BITS.get(str(part_dtype), part_dtype.itemsize * 8)
-                    code_bits += bits * math.prod(part_shape)
-            elif leaf == "weight" and len(shape) >= 2 and f"{module}.codes" not in name_set:
-                dense.append(module)
+        quantized = _check_parts_present(name_set)
+        for module in quantized:
+            bits, count = _layer_bits(reader, module, config)
+            code_bits, weights = code_bits + bits, weights + count
+        dense = [module for module in _dense_layers(reader, names) if f"{module}.codes" not in name_set]
     skeleton = _skeleton(directory, model_config, config)
     matcher = SkipMatcher(config.skip)
     found = matcher.resolve(skeleton if skeleton is not None else _module_paths_from_names(names))
     unmatched = [p for index, p in enumerate(config.skip) if index not in found.used]
     return {
         "path": str(directory),
-        "architecture": (model_config.get("architectures") or ["unknown"])[0],
+        "architecture": architecture,
         "format": config.format_name,
         "quantization_config": {k: v for k, v in block.items() if k not in ("linear_weights_not_to_quantize",)},
         "quantized_layers": len(quantized),
@@ -125,18 +206,43 @@ def _print_report(report: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
+def _inspect_for_cli(path: str, allow_pickle: bool) -> dict[str, Any]:
+    """:func:`inspect_checkpoint`, refusing pickle weights with the command's own option in the message."""
+    directory = _checkpoint_directory(Path(path))
+    pickled = None if allow_pickle else pickle_only(directory)
+    if pickled is not None:
+        raise ValueError(
+            f"{directory} holds only pickle weights ({pickled}); unpickling can run arbitrary code, so it is refused: "
+            "pass --allow-pickle to read it with torch.load(weights_only=True), or convert it to safetensors"
+        )
+    return inspect_checkpoint(directory, allow_pickle=allow_pickle)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``aqlm-ctx`` command and ``python -m aqlm_ctx``."""
+    """Entry point of the ``aqlm-ctx`` command and ``python -m aqlm_ctx``.
+
+    Returns:
+        0, or 2 after one line on stderr when the path is not a readable AQLM checkpoint.
+    """
     parser = argparse.ArgumentParser(prog="aqlm-ctx", description="Tools for AQLM checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="describe an AQLM checkpoint directory")
-    inspect.add_argument("path", help="checkpoint directory (config.json + safetensors)")
+    inspect.add_argument(
+        "path",
+        help="checkpoint directory (config.json + safetensors); a file inside one (config.json, a shard) stands "
+        "for its directory",
+    )
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pytorch_model.bin weights when there are no safetensors (with torch.load(weights_only=True))",
+    )
     args = parser.parse_args(argv)
     try:
-        report = inspect_checkpoint(args.path)
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        first_line = str(error).splitlines()[0]
+        report = _inspect_for_cli(args.path, args.allow_pickle)
+    except (OSError, ValueError) as error:
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
         print(f"aqlm-ctx: error: {args.path} is not a readable AQLM checkpoint: {first_line}", file=sys.stderr)
         return 2
     if args.json:

@@ -92,6 +92,15 @@ def _check_skip(value: object) -> tuple[SkipPattern, ...]:
     return patterns
 
 
+def _other_quant_method(block: Mapping[str, Any]) -> str | None:
+    """The repr of the block's ``quant_method`` (of an Enum's value) if it is given and is not ``"aqlm"``."""
+    if "quant_method" not in block:
+        return None
+    method = block["quant_method"]
+    method = method.value if isinstance(method, enum.Enum) else method
+    return None if isinstance(method, str) and method.lower() == "aqlm" else repr(method)
+
+
 @dataclasses.dataclass(frozen=True)
 class AqlmConfig:
     """How the linear layers of a model are stored in AQLM form.
@@ -171,7 +180,8 @@ class AqlmConfig:
 
         Raises:
             TypeError: ``data`` is not a mapping, or a value has the wrong type.
-            ValueError: ``quant_method`` is not ``"aqlm"``, a key is unknown, or a value is out of range.
+            ValueError: ``quant_method`` is not ``"aqlm"`` (checked before the keys), a key is unknown, or a value is
+                out of range.
 
         Example:
             >>> AqlmConfig.from_dict({"quant_method": "aqlm", "nbits_per_codebook": 8, "num_codebooks": 2})
@@ -179,16 +189,17 @@ class AqlmConfig:
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"AqlmConfig.from_dict needs a mapping, got {type(data).__name__}")
+        method = _other_quant_method(data)
+        if method is not None:  # checked first: another method's keys are not typos of AQLM's
+            raise ValueError(
+                f"quant_method must be 'aqlm', got {method}: the model is quantized with {method}, not AQLM"
+            )
         unknown = sorted(str(key) for key in data if key not in _DICT_KEYS)
         if unknown:
             raise ValueError(
                 f"unknown key(s) in the AQLM quantization config: {', '.join(unknown)}; "
                 f"allowed: {', '.join(sorted(_DICT_KEYS))}"
             )
-        method = data.get("quant_method", "aqlm")
-        method = method.value if isinstance(method, enum.Enum) else method
-        if not isinstance(method, str) or method.lower() != "aqlm":
-            raise ValueError(f"quant_method must be 'aqlm', got {method!r}")
         skip: list[SkipPattern] = []
         for key in _SKIP_KEYS:
             value = data.get(key)
@@ -225,7 +236,7 @@ def read_checkpoint_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any]
 
     Raises:
         FileNotFoundError: no ``config.json`` at ``path``.
-        ValueError: the file is not valid JSON or has no AQLM block.
+        ValueError: the file is not valid JSON, has no AQLM block, or is quantized with another ``quant_method``.
     """
     file = Path(path)
     if file.is_dir():
@@ -245,6 +256,12 @@ def read_checkpoint_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any]
         raise ValueError(
             f"{file} has no AQLM quantization config: expected a 'quantization_config' block with "
             "quant_method 'aqlm' (or a legacy top-level 'aqlm' block)"
+        )
+    method = _other_quant_method(block)
+    if method is not None:
+        raise ValueError(
+            f"{file}: the checkpoint is quantized with quant_method {method}, not AQLM "
+            f"(quant_method must be 'aqlm', got {method})"
         )
     return model_config, block
 

@@ -169,6 +169,17 @@ def _index_missing_shard(ckpt: Path) -> None:
     load_checkpoint(skeleton(), ckpt)
 
 
+def _index_wrong_shard(ckpt: Path) -> None:
+    tensors = load_file(ckpt / "model.safetensors")
+    names = sorted(tensors)
+    save_file({name: tensors[name] for name in names[:3]}, ckpt / "model-00001-of-00002.safetensors")
+    save_file({name: tensors[name] for name in names[3:]}, ckpt / "model-00002-of-00002.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    weight_map = {name: "model-00001-of-00002.safetensors" for name in names}  # all in the first shard: wrong
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    load_checkpoint(skeleton(), ckpt)
+
+
 def _no_quant_block(ckpt: Path) -> None:
     edit_config(ckpt, lambda data: data.pop("quantization_config"))
     from_pretrained(ckpt, model_fn=Net)
@@ -413,7 +424,18 @@ CASES: list[tuple[str, Callable[[Path], Any], type[Exception], str]] = [
         r"proj: the model's layer is 2x8 g8 but the checkpoint was quantized with 1x16 g8",
     ),
     ("ckpt-no-quant-block", _no_quant_block, ValueError, r"config\.json has no AQLM quantization config"),
-    ("ckpt-other-quant-method", _other_quant_method, ValueError, r"quant_method must be 'aqlm', got 'gptq'"),
+    (
+        "ckpt-index-wrong-shard",
+        _index_wrong_shard,
+        ValueError,
+        r"index\.json maps tensor proj\.codebooks to model-00001-of-00002\.safetensors, which does not hold it",
+    ),
+    (
+        "ckpt-other-quant-method",
+        _other_quant_method,
+        ValueError,
+        r"config\.json: the checkpoint is quantized with quant_method 'gptq', not AQLM",
+    ),
     (
         "ckpt-unknown-architecture",
         _unknown_architecture,

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import aqlm_ctx.cli
 from aqlm_ctx.cli import main
 
 from .hub import write_llama_checkpoint
@@ -72,3 +77,190 @@ def test_module_entry_point(checkpoint: Path) -> None:
         [sys.executable, "-m", "aqlm_ctx", "inspect", "/nonexistent"], capture_output=True, text=True, env=env
     )
     assert result.returncode == 2 and "not a readable AQLM checkpoint" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Malformed checkpoints: exit code 2 and exactly one line on stderr that names the tensor, file or field.
+
+LAYER = "model.layers.0.mlp.up_proj"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("single")
+    write_llama_checkpoint(directory, tiny_llama(tie=False), (2, 8, 8), dtype=torch.float16)
+    return directory
+
+
+def rewrite(directory: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors = load_file(directory / "model.safetensors")
+    change(tensors)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_json(file: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    data = json.loads(file.read_text())
+    change(data)
+    file.write_text(json.dumps(data))
+
+
+def run_inspect(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["inspect", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, facts: tuple[str, ...]) -> None:
+    assert code == 2
+    assert err.startswith("aqlm-ctx: error:") and err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err
+    for fact in facts:
+        assert fact in err, (fact, err)
+
+
+def _layer(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    return lambda directory: rewrite(directory, change)
+
+
+SINGLE_CASES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
+    "no-codebooks": (
+        _layer(lambda t: t.pop(f"{LAYER}.codebooks")),
+        (f"{LAYER} has codes and scales but no {LAYER}.codebooks", "needs codes, codebooks and scales"),
+    ),
+    "no-codes": (_layer(lambda t: t.pop(f"{LAYER}.codes")), (f"but no {LAYER}.codes",)),
+    "codes-2d": (
+        _layer(lambda t: t.update({f"{LAYER}.codes": t[f"{LAYER}.codes"][..., 0].contiguous()})),
+        (f"{LAYER}.codes: shape [128, 8]", "expected [out_groups, in_groups, 2]", "2x8 g8"),
+    ),
+    "codes-int16": (
+        _layer(lambda t: t.update({f"{LAYER}.codes": t[f"{LAYER}.codes"].to(torch.int16)})),
+        (f"{LAYER}.codes: codes are torch.int16", "nbits_per_codebook=8 needs torch.int8"),
+    ),
+    "codebooks-shape": (
+        _layer(lambda t: t.update({f"{LAYER}.codebooks": torch.zeros(2, 256, 1, 4, dtype=torch.float16)})),
+        (f"{LAYER}.codebooks: shape [2, 256, 1, 4]", "expected [2, 256, 1, 8]"),
+    ),
+    "scales-shape": (
+        _layer(lambda t: t.update({f"{LAYER}.scales": torch.ones(128, dtype=torch.float16)})),
+        (f"{LAYER}.scales: shape [128]", "expected [128, 1, 1, 1]"),
+    ),
+    "scales-int": (
+        _layer(lambda t: t.update({f"{LAYER}.scales": torch.ones(128, 1, 1, 1, dtype=torch.int32)})),
+        (f"{LAYER}.scales: dtype torch.int32", "floating"),
+    ),
+    "gptq": (
+        lambda d: edit_json(
+            d / "config.json",
+            lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4, "desc_act": False}),
+        ),
+        ("config.json", "quantized with quant_method 'gptq', not AQLM"),
+    ),
+    "field-type": (
+        lambda d: edit_json(d / "config.json", lambda c: c["quantization_config"].update(nbits_per_codebook="8")),
+        ("config.json: quantization_config: AqlmConfig.nbits_per_codebook must be an int in 1..16, got '8'",),
+    ),
+    "architectures": (
+        lambda d: edit_json(d / "config.json", lambda c: c.update(architectures="LlamaForCausalLM")),
+        ("config.json: 'architectures' must be a list of class names",),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SINGLE_CASES))
+def test_malformed_checkpoint_is_one_line_error(
+    single: Path, tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = Path(shutil.copytree(single, tmp_path / "ckpt"))
+    corrupt, facts = SINGLE_CASES[case]
+    corrupt(copy)
+    assert_one_line_error(*run_inspect(capsys, str(copy))[::2], facts)
+
+
+LAST = "model.layers.1.mlp.down_proj"  # in the second of two shards
+
+
+def _move_to_first_shard(index: dict[str, Any]) -> None:
+    weight_map = index["weight_map"]
+    weight_map[f"{LAST}.codebooks"] = "model-00001-of-00002.safetensors"
+
+
+SHARD_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, ...]]] = {
+    "wrong-shard": (
+        _move_to_first_shard,
+        (
+            "model.safetensors.index.json maps tensor",
+            f"{LAST}.codebooks to model-00001-of-00002.safetensors, which does not hold it",
+            "it is in model-00002-of-00002.safetensors",
+        ),
+    ),
+    "extra-name": (
+        lambda index: index["weight_map"].update({"model.extra.weight": "model-00001-of-00002.safetensors"}),
+        ("maps tensor model.extra.weight to model-00001-of-00002.safetensors", "no shard the index lists holds it"),
+    ),
+    "unlisted": (
+        lambda index: index["weight_map"].pop(f"{LAST}.codebooks"),
+        ("does not list 1 tensor(s) that model-00002-of-00002.safetensors holds", f"{LAST}.codebooks"),
+    ),
+    "missing-shard": (
+        lambda index: index["weight_map"].update({f"{LAST}.codes": "model-00009.safetensors"}),
+        ("lists shard files that do not exist: model-00009.safetensors", f"{LAST}.codes"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARD_CASES))
+def test_bad_shard_index_is_one_line_error(
+    checkpoint: Path, tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    assert index["weight_map"][f"{LAST}.codebooks"] == "model-00002-of-00002.safetensors"  # the cases' premise
+    change, facts = SHARD_CASES[case]
+    edit_json(copy / "model.safetensors.index.json", change)
+    assert_one_line_error(*run_inspect(capsys, str(copy))[::2], facts)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_file_inside_a_checkpoint_stands_for_its_directory(
+    single: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_inspect(capsys, str(single / name))
+    assert code == 0
+    assert f"checkpoint:        {single}\n" in out and "quantized layers:  14" in out
+
+
+def test_a_file_outside_a_checkpoint_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("hi")
+    code, _, err = run_inspect(capsys, str(tmp_path / "notes.txt"))
+    assert_one_line_error(code, err, ("notes.txt is a file", f"{tmp_path} holds no config.json"))
+
+
+def test_pickle_only_needs_allow_pickle(single: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    copy = Path(shutil.copytree(single, tmp_path / "ckpt"))
+    torch.save(load_file(copy / "model.safetensors"), copy / "pytorch_model.bin")
+    (copy / "model.safetensors").unlink()
+    code, _, err = run_inspect(capsys, str(copy))
+    assert_one_line_error(code, err, ("holds only pickle weights (pytorch_model.bin)", "pass --allow-pickle"))
+    assert "allow_pickle=True" not in err
+    code, out, _ = run_inspect(capsys, str(copy), "--allow-pickle")
+    assert code == 0 and "quantized layers:  14" in out and "pytorch_model.bin" not in out.split("in 1 file")[0]
+
+
+def test_programming_errors_are_not_swallowed(single: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any) -> tuple[int, int]:
+        raise KeyError("a bug, not a bad checkpoint")
+
+    monkeypatch.setattr(aqlm_ctx.cli, "_layer_bits", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["inspect", str(single)])
+
+
+def test_module_entry_point_malformed_checkpoint_has_no_traceback(single: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(single, tmp_path / "ckpt"))
+    rewrite(copy, lambda t: t.pop(f"{LAYER}.codebooks"))
+    env = {**os.environ, "AQ_USE_JIT": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "aqlm_ctx", "inspect", str(copy)], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{LAYER}.codebooks" in result.stderr

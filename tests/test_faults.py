@@ -1,5 +1,8 @@
 """Faults: exceptions at every stage leave torch exactly as it was, and the visitor converts all or nothing.
 
+Malformed checkpoints (shard indexes that disagree with their shards, files for directories, configs of other
+quantization methods) raise ValueError (FileNotFoundError for absent files) naming the file, tensor or field.
+
 After each fault, every attribute aqlm_ctx patches is the very same object as before (``vars(nn.Linear)``,
 ``vars(nn.Module)``), torch's global module-registration hooks are gone, the torch function mode stack has its old
 depth, and ordinary layers and tensors are built as usual. Nesting, re-entering and combining with
@@ -9,21 +12,27 @@ depth, and ordinary layers and tensors are built as usual. Nesting, re-entering 
 from __future__ import annotations
 
 import itertools
+import json
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from accelerate import init_empty_weights
 from aqlm import QuantizedLinear
+from safetensors.torch import save_file
 from torch import nn
 
 import aqlm_ctx.construction
 import aqlm_ctx.visitor
-from aqlm_ctx import AqlmConfig, aqlm_quantized, quantize_model, replace_linear_layers
+from aqlm_ctx import AqlmConfig, aqlm_quantized, from_pretrained, quantize_model, replace_linear_layers
+from aqlm_ctx.checkpoint import find_checkpoint_files, open_checkpoint
 
+from .hub import write_llama_checkpoint
+from .test_loading import tiny_llama
 from .utils import quantized_paths, signature
 
 CONFIG = AqlmConfig(num_codebooks=2, nbits_per_codebook=8)
@@ -332,3 +341,94 @@ def test_fault_while_densifying_at_block_end_restores_torch(before: State, monke
     monkeypatch.setattr(aqlm_ctx.construction, "make_dense_in_place", flaky)
     with pytest.raises(Boom, match="densify failed"), aqlm_quantized(CONFIG, skip=["blocks.0"]):
         Small()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Malformed checkpoints and configs: ValueError (FileNotFoundError for absent files) naming the file and tensor.
+
+
+def _write_shards(directory: Path, weight_map: dict[str, Any]) -> None:
+    """Shards a.safetensors (``x``) and b.safetensors (``y``, ``w``), and an index with ``weight_map``."""
+    save_file({"x": torch.zeros(2)}, directory / "a.safetensors")
+    save_file({"y": torch.ones(2), "w": torch.ones(3)}, directory / "b.safetensors")
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+A, B = "a.safetensors", "b.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "error", "words"),
+    [
+        (
+            {"x": B, "y": A, "w": B},
+            ValueError,
+            r"maps tensor x to b\.safetensors, which does not hold it; it is in a\.",
+        ),
+        (
+            {"x": A, "y": B, "w": B, "z": B},
+            ValueError,
+            r"maps tensor z to b\.safetensors, .*no shard the index lists holds it",
+        ),
+        ({"x": A, "y": B}, ValueError, r"does not list 1 tensor\(s\) that b\.safetensors holds, e\.g\. w"),
+        ({"x": A, "y": "c.safetensors"}, FileNotFoundError, r"do not exist: c\.safetensors .*e\.g\. y"),
+        ({"x": A, "y": 3}, ValueError, "must map each tensor name to a shard file name, got 3 for tensor y"),
+    ],
+    ids=["wrong-shard", "absent-tensor", "unlisted-tensor", "absent-shard", "not-a-name"],
+)
+def test_bad_shard_index_names_index_tensor_and_shard(
+    tmp_path: Path, weight_map: dict[str, Any], error: type[Exception], words: str
+) -> None:
+    _write_shards(tmp_path, weight_map)
+    with pytest.raises(error, match=words) as info:
+        find_checkpoint_files(tmp_path)
+    assert type(info.value) is error and "model.safetensors.index.json" in str(info.value)
+
+
+def test_from_pretrained_with_index_naming_the_wrong_shard_is_a_value_error(tmp_path: Path) -> None:
+    write_llama_checkpoint(tmp_path, tiny_llama(tie=False), (2, 8, 8), shards=2)
+    index_file = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = "model.layers.1.mlp.down_proj.codebooks"
+    assert index["weight_map"][name] == "model-00002-of-00002.safetensors"
+    index["weight_map"][name] = "model-00001-of-00002.safetensors"
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"index.json maps tensor {name} to model-00001-of-00002.safetensors"):
+        from_pretrained(tmp_path)
+
+
+def test_pickle_index_naming_the_wrong_shard_is_a_value_error(tmp_path: Path) -> None:
+    torch.save({"x": torch.zeros(2)}, tmp_path / "a.bin")
+    torch.save({"y": torch.ones(2)}, tmp_path / "b.bin")
+    weight_map = {"x": "a.bin", "y": "a.bin"}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    files = find_checkpoint_files(tmp_path, allow_pickle=True)
+    with open_checkpoint(files) as reader:
+        assert reader.read("x").tolist() == [0.0, 0.0]
+        for read in (reader.dtype_and_shape, reader.read):
+            with pytest.raises(ValueError, match=r"a\.bin does not hold tensor y"):
+                read("y")
+
+
+def test_a_file_is_not_a_checkpoint_directory(tmp_path: Path) -> None:
+    save_file({"x": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint directory; pass the directory"):
+        find_checkpoint_files(tmp_path / "model.safetensors")
+
+
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
+
+
+def test_other_quant_method_is_named_before_its_keys(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="quant_method must be 'aqlm', got 'gptq': the model is quantized with 'gptq'"):
+        AqlmConfig.from_dict(GPTQ)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": GPTQ}))
+    for call in (AqlmConfig.from_pretrained, from_pretrained):
+        with pytest.raises(ValueError, match=r"config\.json: the checkpoint is quantized with quant_method 'gptq', "):
+            call(tmp_path)
+    # Without quant_method, unknown keys are still typos of AQLM's keys; "aqlm" in any case still parses.
+    with pytest.raises(ValueError, match="unknown key.*bits"):
+        AqlmConfig.from_dict({key: value for key, value in GPTQ.items() if key != "quant_method"})
+    assert AqlmConfig.from_dict({"quant_method": "AQLM", "num_codebooks": 2}).num_codebooks == 2
+    with pytest.raises(ValueError, match="quant_method must be 'aqlm', got None"):
+        AqlmConfig.from_dict({"quant_method": None})
