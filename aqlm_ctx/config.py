@@ -83,6 +83,11 @@ def _check_skip(value: object) -> tuple[SkipPattern, ...]:
         if not pattern.strip():
             raise ValueError("AqlmConfig.skip has an empty pattern; name a module path such as 'lm_head'")
         if pattern.startswith("re:"):
+            if not pattern[3:].strip():
+                raise ValueError(
+                    f"AqlmConfig.skip pattern {pattern!r} has an empty regular expression, which matches the model "
+                    "root ('') and would keep the whole model dense; write the expression after 're:'"
+                )
             try:
                 re.compile(pattern[3:])
             except re.error as error:

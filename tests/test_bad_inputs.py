@@ -331,6 +331,12 @@ CASES: list[tuple[str, Callable[[Path], Any], type[Exception], str]] = [
     ),
     ("skip-empty", lambda p: AqlmConfig(skip=[""]), ValueError, r"skip has an empty pattern"),
     (
+        "skip-empty-regex",
+        lambda p: AqlmConfig(skip=["re:"]),
+        ValueError,
+        r"pattern 're:' has an empty regular expression, which matches the model root",
+    ),
+    (
         "skip-blank",
         lambda p: replace_linear_layers(Net(), CONFIG, skip=["  "]),
         ValueError,
