@@ -18,21 +18,14 @@ from aqlm_ctx import AqlmConfig, aqlm_quantized, from_pretrained, load_checkpoin
 from aqlm_ctx.testing import random_tensors
 
 from .hub import dequantize, encode_random, write_llama_checkpoint
+from .utils import tiny_llama_config
 
 FORMATS = {"1x16": (1, 16, 8), "2x8": (2, 8, 8), "1x8": (1, 8, 8)}
 TOKENS = torch.tensor([[3, 17, 42, 7, 99, 5]])
 
 
 def tiny_llama(tie: bool, dtype: torch.dtype = torch.float32) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=tie,
-    )
+    config = tiny_llama_config(num_hidden_layers=2, tie_word_embeddings=tie)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).to(dtype).eval()
 

@@ -14,6 +14,7 @@ import aqlm_ctx
 from aqlm_ctx import AqlmConfig, quantize_weights_, save_checkpoint
 
 from .hub import dequantize
+from .utils import tiny_llama_config
 
 CONFIG = AqlmConfig(num_codebooks=2, nbits_per_codebook=8)
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
@@ -21,15 +22,7 @@ IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
 
 def tiny_llama() -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(vocab_size=64)
     return transformers.LlamaForCausalLM(config).eval()
 
 

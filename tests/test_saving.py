@@ -22,6 +22,7 @@ from aqlm_ctx.cli import inspect_checkpoint
 from aqlm_ctx.testing import random_tensors
 
 from .hub import write_llama_checkpoint
+from .utils import tiny_llama_config
 
 CONFIG = AqlmConfig(num_codebooks=2, nbits_per_codebook=8)
 IDS = torch.tensor([[1, 2, 3]])
@@ -38,15 +39,7 @@ def one_numba_thread() -> Iterator[None]:
 
 def llama(seed: int = 0, tie: bool = False) -> transformers.LlamaForCausalLM:
     """A tiny 2x8 Llama (lm_head dense) with random tensors."""
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=tie,
-    )
+    config = tiny_llama_config(tie_word_embeddings=tie)
     with aqlm_quantized(CONFIG, skip=["lm_head"]):
         model = transformers.LlamaForCausalLM(config)
     return aqlm_ctx.load_tensors(model, random_tensors(model, seed=seed)).eval()
@@ -229,15 +222,8 @@ def test_square_codes_permuted_by_aqlm_cpu_kernel_are_saved_in_checkpoint_layout
 
 
 def test_square_codes_of_a_transformers_model_after_cpu_inference(tmp_path: Path) -> None:
-    config = transformers.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=8,
-        vocab_size=128,
-    )  # q/k/v_proj: Linear(256, 32), square 2x8 g8 codes
+    # q/k/v_proj: Linear(256, 32), square 2x8 g8 codes
+    config = tiny_llama_config(hidden_size=256, intermediate_size=512, num_key_value_heads=4, head_dim=8)
     torch.manual_seed(0)
     dense = transformers.LlamaForCausalLM(config).eval()
     written = write_llama_checkpoint(tmp_path / "hub", dense, (2, 8, 8), skip_form="module", dtype=torch.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from aqlm import QuantizedLinear
 from torch import nn
@@ -9,6 +11,22 @@ from torch import nn
 from aqlm_ctx.testing import model_signature
 
 signature = model_signature
+
+
+def tiny_llama_config(**overrides: Any) -> Any:
+    """A ``transformers.LlamaConfig`` small enough for CPU tests (one layer, hidden 64, vocab 128, untied)."""
+    import transformers
+
+    fields: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+        "tie_word_embeddings": False,
+    }
+    return transformers.LlamaConfig(**{**fields, **overrides})
 
 
 def quantized_paths(model: nn.Module) -> set[str]:
