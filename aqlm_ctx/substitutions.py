@@ -23,6 +23,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,15 +45,20 @@ class Substitution:
 
     Args:
         target: the exact class to replace (not its subclasses).
-        build: makes the replacement from the original module; the replacement's linear layers must be plain
-            ``nn.Linear`` (they are quantized like any other) and it must compute what the original computes.
+        build: makes the replacement from the original module, in the original's dtype; the replacement's
+            linear layers must be plain ``nn.Linear`` (they are quantized like any other) and it must compute what
+            the original computes.
         checkpoint_renames: ``(pattern, replacement)`` regexes mapping checkpoint tensor names to the model's, as
             ``re.sub`` applies them; they also rename skip patterns read from a checkpoint.
+        fill: ``fill(original, replacement)`` gives the replacement's layers that stay dense (skipped) the
+            original's real weights, for :func:`aqlm_ctx.replace_linear_layers` on a model with weights; without
+            it such a conversion is refused.
     """
 
     target: type[nn.Module]
     build: Callable[[nn.Module], nn.Module]
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    fill: Callable[[nn.Module, nn.Module], None] | None = None
 
 
 class FusedExperts(nn.Module):
@@ -66,6 +72,7 @@ class FusedExperts(nn.Module):
         act_fn: the activation applied to the gate projection.
         names: child names of the gate, up and down projections.
         checkpoint_renames: see :class:`Substitution`.
+        dtype: of the layers (by default torch's default dtype).
     """
 
     def __init__(
@@ -76,15 +83,17 @@ class FusedExperts(nn.Module):
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
         checkpoint_renames: tuple[tuple[str, str], ...] = (),
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         gate, up, down = names
+        factory: dict[str, Any] = {"bias": False, "dtype": dtype}
         for index in range(num_experts):  # children "0", "1", ...: paths experts.<e>.<name> as in checkpoints
             expert = nn.ModuleDict(
                 {
-                    gate: nn.Linear(hidden_size, intermediate_size, bias=False),
-                    up: nn.Linear(hidden_size, intermediate_size, bias=False),
-                    down: nn.Linear(intermediate_size, hidden_size, bias=False),
+                    gate: nn.Linear(hidden_size, intermediate_size, **factory),
+                    up: nn.Linear(hidden_size, intermediate_size, **factory),
+                    down: nn.Linear(intermediate_size, hidden_size, **factory),
                 }
             )
             self.add_module(str(index), expert)
@@ -146,9 +155,21 @@ def fused_experts_substitution(
                 "(a 3-D gate_up_proj [experts, 2 * intermediate, hidden], down_proj and act_fn)"
             )
         experts, two_intermediate, hidden = fused.shape
-        return FusedExperts(experts, hidden, two_intermediate // 2, original.act_fn, names, renames)  # type: ignore[arg-type]
+        act_fn: Callable[[torch.Tensor], torch.Tensor] = original.act_fn  # type: ignore[assignment]
+        return FusedExperts(experts, hidden, two_intermediate // 2, act_fn, names, renames, fused.dtype)
 
-    return Substitution(target, build, renames)
+    def fill(original: nn.Module, replacement: nn.Module) -> None:
+        gate_up: torch.Tensor = original.gate_up_proj  # type: ignore[assignment]
+        down_proj: torch.Tensor = original.down_proj  # type: ignore[assignment]
+        gate, up, down = names
+        for index in range(gate_up.shape[0]):
+            gate_weight, up_weight = gate_up[index].chunk(2)  # [gate; up] along the intermediate dimension
+            for name, weight in ((gate, gate_weight), (up, up_weight), (down, down_proj[index])):
+                layer = replacement.get_submodule(f"{index}.{name}")
+                if type(layer) is nn.Linear:  # kept dense by skip: the original's weight, not a meta stand-in
+                    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=gate_up.requires_grad)
+
+    return Substitution(target, build, renames, fill)
 
 
 _REGISTRY: dict[type[nn.Module], Substitution] = {}

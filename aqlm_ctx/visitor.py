@@ -37,7 +37,7 @@ def _substitute(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
         ``(parent, name, original)`` for each swap, to undo it.
     """
     replacements: dict[int, nn.Module] = {}
-    swapped = []
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             substitution = substitution_for(child) if child is not None else None
@@ -49,6 +49,26 @@ def _substitute(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
             parent._modules[name] = replacements[id(child)]
             swapped.append((parent, name, child))
     return swapped
+
+
+def _swaps(swapped: list[tuple[nn.Module, str, nn.Module]]) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+    """Each swap once (a module shared by two parents was replaced once), with its replacement."""
+    seen: set[int] = set()
+    unique = []
+    for parent, name, original in swapped:
+        if id(original) not in seen:
+            seen.add(id(original))
+            unique.append((parent, name, original, parent._modules[name]))
+    return unique  # type: ignore[return-value]
+
+
+def _has_real_tensors(module: nn.Module) -> bool:
+    return any(not tensor.is_meta for tensor in [*module.parameters(), *module.buffers()])
+
+
+def _path_of(model: nn.Module, target: nn.Module | None, prefix: str) -> str:
+    path = next((name for name, module in model.named_modules() if module is target), "?")
+    return ".".join(part for part in (prefix, path) if part) or "<root>"
 
 
 def select_linear_layers(
@@ -86,10 +106,24 @@ def _replace(
     aqlm_config = as_config(config).with_skip(skip)
     swapped = _substitute(model)
     targets, problems = select_linear_layers(model, aqlm_config, "replace_linear_layers", prefix)
-    if problems:
+    selected = {id(module) for _, module in targets}
+    unfillable = [
+        f"{type(original).__name__} at {_path_of(model, replacement, prefix)}"
+        for _, _, original, replacement in _swaps(swapped)
+        if _has_real_tensors(original)
+        and substitution_for(original).fill is None  # type: ignore[union-attr]
+        and any(type(m) is nn.Linear and id(m) not in selected for m in replacement.modules())
+    ]
+    if problems or unfillable:
         for parent, name, original in swapped:
             parent._modules[name] = original
-        raise indivisible_layers_error(problems, aqlm_config, "; the model was not changed")
+        if problems:
+            raise indivisible_layers_error(problems, aqlm_config, "; the model was not changed")
+        raise ValueError(
+            "these substituted modules have real weights and layers that stay dense, but their substitution has no "
+            "fill to give those layers the original weights; convert the model on meta, or skip none of their "
+            f"layers (the model was not changed): {', '.join(unfillable)}"
+        )
     # Build every replacement first, then swap: the model ends fully converted or, on an error, untouched.
     templates = [
         new_quantized_linear(
@@ -118,6 +152,10 @@ def _replace(
             module.__dict__.update(state)
             module.__class__ = cls
         raise
+    for _, _, original, replacement in _swaps(swapped):
+        fill = substitution_for(original).fill  # type: ignore[union-attr]
+        if fill is not None and _has_real_tensors(original):
+            fill(original, replacement)  # layers kept dense get the original's weights
     logger.info(
         "replaced %d Linear layers with QuantizedLinear (%s); %d kept dense by skip",
         len(targets),

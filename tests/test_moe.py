@@ -83,6 +83,42 @@ def test_context_decorator_visitor_agree_on_moe(make: object) -> None:
     assert type(by_context.model.layers[0].mlp.experts[1][by_context.model.layers[0].mlp.experts.names[0]]) is nn.Linear
 
 
+@pytest.mark.parametrize("skip", [["model.layers.0.mlp"], ["*.experts.*.w2"]])
+def test_visitor_on_real_weights_keeps_them_in_skipped_experts(skip: list[str]) -> None:
+    """Skipped layers of a converted fused-experts block hold the original's weights (a whole block computes the
+    same); the quantized ones hold nothing."""
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(tiny_mixtral()).eval()
+    original = model.model.layers[0].mlp.experts
+    gate_up, down = original.gate_up_proj.detach().clone(), original.down_proj.detach().clone()
+    hidden = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        before = model.model.layers[0].mlp(hidden)
+    replace_linear_layers(model, CONFIG, skip=["lm_head", *skip])
+    experts = model.model.layers[0].mlp.experts
+    for index, expert in enumerate(experts):
+        assert torch.equal(expert["w2"].weight, down[index]) and not expert["w2"].weight.is_meta
+        if skip == ["model.layers.0.mlp"]:
+            assert torch.equal(torch.cat([expert["w1"].weight, expert["w3"].weight]), gate_up[index])
+        else:
+            assert type(expert["w1"]) is QuantizedLinear
+    if skip == ["model.layers.0.mlp"]:
+        with torch.no_grad():
+            assert torch.equal(model.model.layers[0].mlp(hidden), before)
+
+
+def test_fused_experts_take_the_experts_dtype() -> None:
+    def build() -> nn.Module:
+        return transformers.MixtralForCausalLM._from_config(tiny_mixtral(), dtype=torch.bfloat16)
+
+    with aqlm_quantized(CONFIG, skip=["lm_head"]):
+        by_context = build()
+    by_visitor = replace_linear_layers(build(), CONFIG, skip=["lm_head"])
+    for model in (by_context, by_visitor):
+        assert model.model.layers[0].mlp.experts[0]["w1"].codebooks.dtype == torch.bfloat16
+    assert signature(by_context) == signature(by_visitor.to("meta"))
+
+
 def write_mixtral_checkpoint(directory: Path, dense: transformers.MixtralForCausalLM) -> None:
     """The layout AQLM's converter writes: per-expert w1/w2/w3 codes under block_sparse_moe, dense router."""
     generator = torch.Generator().manual_seed(0)
