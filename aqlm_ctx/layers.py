@@ -7,6 +7,8 @@ context, the visitor and the decorator produce the same model.
 
 from __future__ import annotations
 
+import types
+
 import torch
 from aqlm import QuantizedLinear
 from torch import nn
@@ -93,6 +95,9 @@ def _become(module: nn.Module, template: nn.Module, old_keys: frozenset[str]) ->
     state = {key: value for key, value in vars(module).items() if key not in old_keys}
     state.update((key, value) for key, value in vars(template).items() if key not in _MODULE_KEYS)
     state["_parameters"] = template._parameters
+    hooked = state.get("_old_forward")  # accelerate's hooks call the forward the layer had when they were added
+    if isinstance(hooked, types.MethodType) and hooked.__self__ is module and hooked.__func__ is type(module).forward:
+        state["_old_forward"] = types.MethodType(type(template).forward, module)
     module.__dict__.clear()
     module.__dict__.update(state)
     module.__class__ = type(template)

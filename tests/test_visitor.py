@@ -5,16 +5,18 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
+from typing import Any
 
 import pytest
 import torch
 from aqlm import QuantizedLinear
 from torch import nn
 
-from aqlm_ctx import AqlmConfig, replace_linear_layers, replace_with_aqlm_linear
+from aqlm_ctx import AqlmConfig, load_tensors, replace_linear_layers, replace_with_aqlm_linear
+from aqlm_ctx.testing import random_tensors
 
 from .test_construction import CONFIG, TinyLM
-from .utils import linear_paths, quantized_paths
+from .utils import dense_weight, linear_paths, quantized_paths
 
 
 def test_real_model_becomes_meta_quantized_and_old_weights_are_released() -> None:
@@ -99,3 +101,25 @@ def test_default_config_is_1x16() -> None:
     model = replace_linear_layers(nn.Sequential(nn.Linear(16, 16)))
     assert model[0].nbits_per_codebook == 16 and model[0].codes.dtype is torch.int16
     assert AqlmConfig().format_name == "1x16 g8"
+
+
+def test_a_layer_with_an_accelerate_hook_runs_its_quantized_forward() -> None:
+    """accelerate's hooks (dispatch_model, cpu_offload) keep the layer's forward from when they were added."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            Count.calls += 1
+            return args, kwargs
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    add_hook_to_module(model[0], Count())
+    replace_linear_layers(model, CONFIG)
+    load_tensors(model, random_tensors(model))
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        out = model(x)
+        expected = model[2](torch.relu(x @ dense_weight(model[0]).float().T + model[0].bias))
+    assert Count.calls == 1 and torch.allclose(out, expected, atol=1e-5)
