@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -203,24 +204,39 @@ def replace_with_aqlm_linear(
     linear_weights_not_to_quantize: list[str] | None = None,
     current_key_name: list[str] | None = None,
     has_been_replaced: bool = False,
+    *,
+    modules_to_not_convert: list[str] | None = None,
 ) -> tuple[nn.Module, bool]:
     """Drop-in for ``transformers.integrations.aqlm.replace_with_aqlm_linear``, built on :func:`replace_linear_layers`.
 
-    Same signature and ``(model, has_been_replaced)`` return; skip names follow aqlm_ctx's semantics, so both the
-    hub's ``"lm_head.weight"`` and ``"lm_head"`` keep lm_head dense. Converted layers get ``source_cls`` as before.
+    The seed's signature and ``(model, has_been_replaced)`` return, and transformers 5's ``modules_to_not_convert``
+    keyword; skip names follow aqlm_ctx's semantics, so both the hub's ``"lm_head.weight"`` and ``"lm_head"`` keep
+    lm_head dense. As in the seed, the layers under ``model`` are converted, not ``model`` itself, and the config may
+    be any object with ``in_group_size``, ``out_group_size``, ``num_codebooks`` and ``nbits_per_codebook``. Converted
+    layers get ``source_cls`` as before.
 
     Args:
         model: the model to convert in place.
-        quantization_config: anything :func:`aqlm_ctx.as_config` accepts (``transformers.AqlmConfig`` included).
+        quantization_config: anything :func:`aqlm_ctx.as_config` accepts (``transformers.AqlmConfig`` included), or
+            an object with the four format attributes.
         linear_weights_not_to_quantize: skip patterns (parameter or module names).
         current_key_name: path of ``model`` inside a larger model; patterns are matched on the full path.
         has_been_replaced: carried into the result (``or``-ed with whether this call converted a layer).
+        modules_to_not_convert: more skip patterns (transformers 5's name for the same list).
 
     Returns:
         ``(model, has_been_replaced)``.
     """
+    if type(model) is nn.Linear:  # the seed walks the children of ``model``
+        return model, has_been_replaced
+    config = quantization_config
+    if not isinstance(config, (AqlmConfig, Mapping, str, os.PathLike)) and all(
+        hasattr(config, name) for name in ("in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook")
+    ):
+        config = AqlmConfig.from_transformers(config)  # the seed reads only these attributes
+    skip = [*(linear_weights_not_to_quantize or []), *(modules_to_not_convert or [])]
     prefix = ".".join(current_key_name or [])
-    replaced = _replace(model, quantization_config, linear_weights_not_to_quantize, prefix)
+    replaced = _replace(model, config, skip, prefix)
     for module in replaced:
         setattr(module, "source_cls", nn.Linear)  # noqa: B010 - seed compatibility; not a Module attribute
     return model, has_been_replaced or bool(replaced)

@@ -123,3 +123,18 @@ def test_a_layer_with_an_accelerate_hook_runs_its_quantized_forward() -> None:
         out = model(x)
         expected = model[2](torch.relu(x @ dense_weight(model[0]).float().T + model[0].bias))
     assert Count.calls == 1 and torch.allclose(out, expected, atol=1e-5)
+
+
+def test_replace_with_aqlm_linear_takes_every_call_form_of_the_seed_and_transformers_5() -> None:
+    from types import SimpleNamespace
+
+    fields = SimpleNamespace(in_group_size=8, out_group_size=1, num_codebooks=2, nbits_per_codebook=8)
+    model, replaced = replace_with_aqlm_linear(TinyLM(tie=False), fields, ["lm_head.weight"])  # seed: attributes only
+    assert replaced and type(model.lm_head) is nn.Linear and type(model.layers[0]["q"]) is QuantizedLinear
+    assert model.layers[0]["q"].num_codebooks == 2
+    model, replaced = replace_with_aqlm_linear(
+        TinyLM(tie=False), quantization_config=CONFIG, modules_to_not_convert=["lm_head"]
+    )  # transformers 5's keywords
+    assert replaced and type(model.lm_head) is nn.Linear
+    root = nn.Linear(16, 16)
+    assert replace_with_aqlm_linear(root, CONFIG) == (root, False) and type(root) is nn.Linear  # children only
