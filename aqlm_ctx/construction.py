@@ -35,6 +35,7 @@ import torch
 import wrapt
 from aqlm import QuantizedLinear
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
@@ -90,16 +91,17 @@ class _BuiltLayer:
         self.block.layers.append(copied)
         return copied
 
-    def drop_placeholder(self) -> bool | None:
-        """Remove the stand-in ``weight`` (and the record) if the module still has it; return its ``requires_grad``
-        (else ``None``)."""
+    def drop_placeholder(self) -> nn.Parameter | None:
+        """Remove the stand-in ``weight`` (and the record) if the module still has it, and return it: its
+        ``requires_grad`` and dtype are what model code made of the layer's weight (``.requires_grad_(False)``,
+        ``.to(torch.bfloat16)``) while it was quantized."""
         if self.module.__dict__.get(_BUILT) is self:
             del self.module.__dict__[_BUILT]
         placeholder, self.placeholder = self.placeholder, None
         if placeholder is None or self.module._parameters.get("weight") is not placeholder:
             return None
         del self.module._parameters["weight"]
-        return placeholder.requires_grad
+        return placeholder
 
 
 @dataclass(eq=False)
@@ -201,7 +203,8 @@ class _Block:
         """Apply the skip patterns to every layer this block built, relative to the model it ended up in.
 
         Raises:
-            ValueError: layers that are not skipped cannot be split into the config's groups; nothing changed.
+            ValueError: layers that are not skipped cannot be split into the config's groups, or layers were
+                parametrized (``torch.nn.utils.parametrize``) while quantized; nothing changed.
         """
         matcher, config = self.owner.matcher, self.owner.config
         # Models attached to last first: a layer that passed through a temporary container (nn.Sequential(layer)
@@ -227,24 +230,34 @@ class _Block:
         ]
         if problems:
             raise indivisible_layers_error(problems, config)
+        parametrized = [_where(path, layer) for layer, path, _ in decided if parametrize.is_parametrized(layer.module)]
+        if parametrized:
+            raise ValueError(
+                "these layers were parametrized (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) while "
+                "aqlm_quantized built them, when they had no weight of their own to parametrize; build them outside "
+                "the block, or parametrize them after it (skipped ones):" + "".join(f"\n  {p}" for p in parametrized)
+            )
         # A layer whose weight was tied to another built layer's (stand-in) weight shares that layer's parameters.
         placeholders = {id(layer.placeholder): layer for layer in self.layers if layer.placeholder is not None}
+        stand_ins = {id(layer.placeholder): layer.placeholder for layer in self.layers if layer.placeholder is not None}
         skipped_ids = {id(layer.module) for layer, _, skipped in decided if skipped}
         tied_to = {
             id(layer.module): owner
             for layer, _, _ in decided
             if (owner := placeholders.get(id(layer.module._parameters.get("weight")))) not in (None, layer)
         }
-        densified = 0
+        dense_weights: dict[int, nn.Parameter] = {}  # stand-in id -> the dense weight of its skipped layer
         for layer, path, skipped in decided:
-            requires_grad = layer.drop_placeholder()
+            stand_in = layer.placeholder
+            placeholder = layer.drop_placeholder()
             if skipped:
                 if isinstance(layer.module, QuantizedLinear):
                     tied_bias = layer.module._parameters.get("bias") is not layer.own_bias
-                    make_dense_in_place(
-                        layer.module, layer.device, layer.dtype, requires_grad is not False, keep_bias=tied_bias
-                    )
-                    densified += 1
+                    dtype = placeholder.dtype if placeholder is not None else layer.dtype
+                    requires_grad = placeholder is None or placeholder.requires_grad
+                    make_dense_in_place(layer.module, layer.device, dtype, requires_grad, keep_bias=tied_bias)
+                    if stand_in is not None:
+                        dense_weights[id(stand_in)] = layer.module._parameters["weight"]
                 continue
             owner = tied_to.get(id(layer.module))
             if owner is not None and id(owner.module) not in skipped_ids:
@@ -262,6 +275,11 @@ class _Block:
                     layer.module._parameters["weight"] = nn.Parameter(
                         torch.empty(layer.out_features, layer.in_features, device=layer.device, dtype=layer.dtype)
                     )
+        if dense_weights:  # other modules holding a skipped layer's stand-in (nanoGPT's wte.weight = lm_head.weight)
+            for module in {id(m): m for root in roots for m in root.modules()}.values():
+                for name, param in module._parameters.items():
+                    if param is not None and param is stand_ins.get(id(param)) and id(param) in dense_weights:
+                        module._parameters[name] = dense_weights[id(param)]
         matcher.warn_unused(used, "aqlm_quantized")
         quantized = sum(not skipped for _, _, skipped in decided)
         logger.info(
@@ -447,8 +465,11 @@ class aqlm_quantized:
 
     Device and dtype: ``device=`` passed to an ``nn.Linear`` is ignored for quantized layers (they have no codes
     until a checkpoint is loaded; :func:`aqlm_ctx.load_checkpoint` places them) and used for skipped ones;
-    ``dtype=`` is used for codebooks, scales and bias unless ``config.dtype`` is set. Other factory calls with an
-    explicit ``device=`` keep it.
+    ``dtype=`` is used for codebooks, scales and bias unless ``config.dtype`` is set (a ``.to(dtype)`` of the model
+    inside the block reaches both). Other factory calls with an explicit ``device=`` keep it. With
+    ``init_on_meta=False`` a skipped layer gets ``nn.Linear``'s default initialisation when the block ends: what
+    the model's own code initialised inside the block was the quantized layer's stand-in, so load the layer's
+    weights or initialise it after the block. A layer parametrized inside the block (``weight_norm``) is refused.
 
     Scope: only the thread or asyncio task that entered the block is affected; others building models at the
     same time get ordinary layers. Blocks nest (the inner config applies to what is built inside it, and each

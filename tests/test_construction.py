@@ -374,3 +374,43 @@ def test_a_temporary_container_is_not_the_model() -> None:
         with aqlm_quantized(CONFIG, skip=["proj"]):
             model = Wrapped()
     assert type(model.proj) is nn.Linear and type(model.body) is QuantizedLinear
+
+
+class NanoGPT(nn.Module):
+    """The embedding takes the head's weight (``wte.weight = lm_head.weight``), the other way round from TinyLM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(32, 16)
+        self.proj = nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 32, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+
+def test_an_embedding_tied_to_a_skipped_head_stays_tied() -> None:
+    with aqlm_quantized(CONFIG, skip=["lm_head"]):
+        model = NanoGPT()
+    assert type(model.lm_head) is nn.Linear and model.wte.weight is model.lm_head.weight
+    with torch.device("meta"):
+        by_visitor = NanoGPT()
+    assert signature(model) == signature(replace_linear_layers(by_visitor, CONFIG, skip=["lm_head"]))
+
+
+def test_a_dtype_cast_inside_the_block_reaches_skipped_layers() -> None:
+    with aqlm_quantized(CONFIG, skip=["lm_head"]):
+        model = TinyLM(tie=False).to(torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.layers[0]["q"].codebooks.dtype == torch.bfloat16
+    assert signature(model) == signature(
+        replace_linear_layers(TinyLM(tie=False).to(torch.bfloat16), CONFIG, skip=["lm_head"]).to("meta")
+    )
+
+
+def test_layers_parametrized_while_built_are_refused() -> None:
+    from torch.nn.utils import parametrizations
+
+    for skip in ([], ["head"]):
+        refused = pytest.raises(ValueError, match=r"parametrized .*\n  head \(built at .*test_construction\.py:\d+\)")
+        with refused, aqlm_quantized(CONFIG, skip=skip):
+            model = nn.Module()
+            model.head = parametrizations.weight_norm(nn.Linear(16, 16))
+    assert_restored(snapshot())
