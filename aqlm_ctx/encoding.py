@@ -100,7 +100,11 @@ def dequantize_encoded(codes: torch.Tensor, codebooks: torch.Tensor, scales: tor
 def quantized_bits_per_weight(config: ConfigLike, in_features: int, out_features: int) -> float:
     """Storage bits per weight of an AQLM layer: codes plus codebooks plus scales (no bias).
 
-    Codebooks and scales count at 16 bits per value (fp16/bf16, as checkpoints store them).
+    Codes count at the width of the integer dtype they are stored in (8 bits for ``nbits_per_codebook <= 8``, else
+    16: a 1x4 code takes a whole int8), codebooks and scales at 16 bits per value (fp16/bf16, as checkpoints store
+    them); this is what :attr:`aqlm_ctx.ModelSummary.bits_per_weight` and ``aqlm-ctx inspect`` report for an fp16
+    layer. The bits the codes carry (``nbits`` per code, as the AQLM paper counts them) are
+    :attr:`aqlm_ctx.AqlmConfig.bits_per_weight`.
 
     Args:
         config: anything :func:`aqlm_ctx.config.as_config` accepts.
@@ -120,10 +124,30 @@ def quantized_bits_per_weight(config: ConfigLike, in_features: int, out_features
     cfg = as_config(config)
     _check_shape(out_features, in_features, cfg)
     og, ig = cfg.out_group_size, cfg.in_group_size
-    code_bits = (out_features // og) * (in_features // ig) * cfg.num_codebooks * cfg.nbits_per_codebook
+    code_bits = (out_features // og) * (in_features // ig) * cfg.num_codebooks * torch.iinfo(cfg.code_dtype).bits
     codebook_bits = cfg.num_codebooks * cfg.codebook_size * og * ig * 16
     scale_bits = (out_features // og) * 16
     return (code_bits + codebook_bits + scale_bits) / (in_features * out_features)
+
+
+ENCODE_OPTIONS = {"rounds": 0, "beam_size": 1, "kmeans_iters": 0, "sweeps": 0}
+"""The keyword options of :func:`encode_linear` after ``generator``, each with its smallest allowed value."""
+
+
+def check_encode_options(**options: object) -> None:
+    """Check :func:`encode_linear`'s ``rounds``/``beam_size``/``kmeans_iters``/``sweeps`` before any encoding.
+
+    Raises:
+        TypeError: an option is not one of these.
+        ValueError: an option is not an int at least its smallest allowed value.
+    """
+    unknown = sorted(set(options) - set(ENCODE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown encoding option(s) {', '.join(unknown)}; allowed: {', '.join(ENCODE_OPTIONS)}")
+    for name, value in options.items():
+        low = ENCODE_OPTIONS[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _check_shape(out_features: int, in_features: int, cfg: AqlmConfig) -> None:
@@ -728,14 +752,7 @@ def encode_linear(
     _check_shape(out_features, in_features, cfg)
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"weight of shape {list(weight.shape)} has NaN or infinite values")
-    for name, value, low in (
-        ("rounds", rounds, 0),
-        ("beam_size", beam_size, 1),
-        ("kmeans_iters", kmeans_iters, 0),
-        ("sweeps", sweeps, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    check_encode_options(rounds=rounds, beam_size=beam_size, kmeans_iters=kmeans_iters, sweeps=sweeps)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     elif not isinstance(generator, torch.Generator):

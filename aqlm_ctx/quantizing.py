@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import ConfigLike, SkipPattern, as_config
-from .encoding import encode_linear
+from .encoding import check_encode_options, encode_linear
 from .layers import make_quantized_in_place, new_quantized_linear
 from .visitor import select_linear_layers
 
@@ -20,25 +21,76 @@ __all__ = ["quantize_weights_"]
 logger = logging.getLogger(__name__)
 
 
+def _calibration_input(path: str, in_features: int, batch: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The input of a ``Linear`` call (positional or ``input=``), checked against the layer.
+
+    Raises:
+        TypeError: there is no input, or it is not a tensor.
+        ValueError: its last dimension is not ``in_features``, or it has NaN or infinite values.
+    """
+    where = f"calibration batch {batch}: layer {path or '<root>'!r}"
+    if args:
+        x = args[0]
+    elif "input" in kwargs:
+        x = kwargs["input"]
+    else:
+        raise TypeError(f"{where} was called without an input (neither positionally nor as input=)")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where} got a {type(x).__name__} as its input, expected a torch.Tensor")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"{where} got an input of shape {list(x.shape)}, but its in_features is {in_features}: the last "
+            f"dimension of its inputs must be {in_features} (check the calibration batches); the model was not changed"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{where}: its inputs have NaN or infinite values (the first layer to be quantized that they reached "
+            "in this batch); the model was not changed"
+        )
+    return x
+
+
 def _second_moments(
     model: nn.Module, layers: dict[str, nn.Linear], calibration: Iterable[Any]
-) -> dict[str, torch.Tensor]:
-    """``XᵀX`` of each layer's inputs over the calibration batches (float64 accumulation)."""
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``XᵀX`` of each layer's inputs over the calibration batches (float64 accumulation), and the layers that no
+    batch reached.
+
+    The batches run under ``torch.no_grad()`` with every module's ``training`` flag set to ``False`` (BatchNorm
+    statistics stay as they are, dropout is off); each flag is restored afterwards, also on an error. The flags are
+    set directly, so no ``train()`` override of the model runs.
+
+    Raises:
+        TypeError: a layer was called without a tensor input.
+        ValueError: a layer's inputs do not end in its ``in_features`` or are not finite (naming the layer and the
+            batch), or their ``XᵀX`` overflowed.
+    """
     moments = {
         path: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64) for path, layer in layers.items()
     }
+    seen: set[str] = set()
+    batch_index = [0]
 
-    def hook(path: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def accumulate(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64).cpu()
+    def hook(path: str, in_features: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        def accumulate(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _calibration_input(path, in_features, batch_index[0], args, kwargs)
+            x = x.detach().reshape(-1, in_features).to(torch.float64).cpu()
             moments[path] += x.T @ x
+            seen.add(path)
 
         return accumulate
 
-    handles = [layer.register_forward_pre_hook(hook(path)) for path, layer in layers.items()]
+    modes = [(module, module.training) for module in model.modules()]
+    handles = [
+        layer.register_forward_pre_hook(hook(path, layer.in_features), with_kwargs=True)
+        for path, layer in layers.items()
+    ]
     try:
+        for module, _ in modes:
+            module.training = False
         with torch.no_grad():
-            for batch in calibration:
+            for index, batch in enumerate(calibration):
+                batch_index[0] = index
                 if isinstance(batch, dict):
                     model(**batch)
                 elif isinstance(batch, (tuple, list)):
@@ -48,7 +100,16 @@ def _second_moments(
     finally:
         for handle in handles:
             handle.remove()
-    return moments
+        for module, training in modes:
+            module.training = training
+    overflowed = [path or "<root>" for path, moment in moments.items() if not bool(torch.isfinite(moment).all())]
+    if overflowed:
+        raise ValueError(
+            "the second moments XᵀX of the calibration inputs overflowed (inputs too large) for these layers: "
+            + ", ".join(overflowed)
+            + "; the model was not changed"
+        )
+    return moments, [path for path in layers if path not in seen]
 
 
 def quantize_weights_(
@@ -68,12 +129,18 @@ def quantize_weights_(
     layers are selected as by :func:`aqlm_ctx.replace_linear_layers` (same skip semantics), each keeps its
     identity, and the result can be written with :func:`aqlm_ctx.save_checkpoint`.
 
+    All or nothing: every layer is checked (and the calibration batches run) before any is encoded, and every
+    layer is encoded before any is converted, so on an error the model is unchanged.
+
     Args:
         model: a model with real weights (on any device; encoding runs there).
         config: anything :func:`aqlm_ctx.as_config` accepts.
         skip: more skip patterns, applied together with the config's.
         calibration: batches to run through the model (a tensor, a tuple of positional arguments or a dict of
-            keyword arguments each) to collect each layer's input second moments.
+            keyword arguments each) to collect each layer's input second moments. They run in eval mode under
+            ``torch.no_grad()``: every module's ``training`` flag is set to ``False`` meanwhile (BatchNorm running
+            statistics are not updated, dropout is off) and restored afterwards. A layer that no batch reaches is
+            encoded without calibration data, with a warning.
         generator: makes encoding reproducible (default: seeded with 0).
         progress: show a progress bar on stderr.
         encode_options: ``rounds``, ``beam_size``, ``kmeans_iters``, ``sweeps`` for :func:`encode_linear`.
@@ -82,9 +149,11 @@ def quantize_weights_(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is not a module.
-        ValueError: a selected layer is on meta (nothing to encode) or not divisible by the group sizes; the
-            model is unchanged.
+        TypeError: ``model`` is not a module, an encoding option is unknown, or a layer got no tensor input during
+            calibration.
+        ValueError: a selected layer is on meta (nothing to encode), not divisible by the group sizes or has NaN or
+            infinite weights; a layer's calibration inputs have the wrong last dimension or NaN or infinite
+            values; an encoding option is out of range. The error names the layer; the model is unchanged.
 
     Example:
         >>> config = AqlmConfig(num_codebooks=2, nbits_per_codebook=8)
@@ -92,29 +161,48 @@ def quantize_weights_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module to quantize, got {type(model).__name__}")
+    check_encode_options(**encode_options)
     aqlm_config = as_config(config).with_skip(skip)
     selected, problems = select_linear_layers(model, aqlm_config, "quantize_weights_")
     targets = dict(selected)
-    problems += [
-        f"{path}: its weight is on the meta device (load real weights first)"
-        for path, m in targets.items()
-        if m.weight.is_meta
-    ]
+    for path, m in targets.items():
+        if m.weight.is_meta:
+            problems.append(f"{path or '<root>'}: its weight is on the meta device (load real weights first)")
+        elif not bool(torch.isfinite(m.weight.detach()).all()):
+            problems.append(
+                f"{path or '<root>'}: its weight of shape {list(m.weight.shape)} has NaN or infinite values"
+            )
     if problems:
         raise ValueError("cannot quantize these layers:\n  " + "\n  ".join(problems) + "\nthe model was not changed")
-    moments = _second_moments(model, targets, calibration) if calibration is not None else {}
+    moments: dict[str, torch.Tensor] = {}
+    if calibration is not None:
+        moments, unseen = _second_moments(model, targets, calibration)
+        for path in unseen:
+            del moments[path]  # encoded from the weights alone, not against a zero XᵀX
+        if unseen:
+            warnings.warn(
+                f"quantize_weights_: no calibration batch reached these layers, encoded without calibration data: "
+                f"{', '.join(path or '<root>' for path in unseen)}",
+                UserWarning,
+                stacklevel=2,
+            )
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     bar = _progress(len(targets), progress)
-    for path, linear in targets.items():
+    templates = []
+    for path, linear in targets.items():  # encode every layer first: an error leaves the model untouched
         stats = moments.get(path)
         weight = linear.weight.detach()
-        encoded = encode_linear(
-            weight,
-            aqlm_config,
-            input_stats=stats.to(weight.device) if stats is not None else None,
-            generator=generator,
-            **encode_options,
-        )
+        try:
+            encoded = encode_linear(
+                weight,
+                aqlm_config,
+                input_stats=stats.to(weight.device) if stats is not None else None,
+                generator=generator,
+                **encode_options,
+            )
+        except (TypeError, ValueError) as error:
+            kind = ValueError if isinstance(error, ValueError) else TypeError
+            raise kind(f"{path or '<root>'}: {error}; the model was not changed") from error
         template = new_quantized_linear(
             linear.in_features, linear.out_features, linear.bias is not None, aqlm_config, weight.dtype
         )
@@ -123,8 +211,19 @@ def quantize_weights_(
         if linear.bias is not None:
             bias = linear.bias.detach().to(aqlm_config.dtype or linear.bias.dtype)
             template.bias = nn.Parameter(bias, requires_grad=False)
-        make_quantized_in_place(linear, template)  # the template is wired to aqlm_ctx's kernels
+        templates.append(template)
         bar(path)
+    converted: list[tuple[nn.Module, type[nn.Module], dict[str, Any]]] = []
+    try:
+        for linear, template in zip(targets.values(), templates, strict=True):
+            converted.append((linear, type(linear), dict(vars(linear))))
+            make_quantized_in_place(linear, template)  # the template is wired to aqlm_ctx's kernels
+    except BaseException:
+        for module, cls, state in reversed(converted):  # put back every layer already converted
+            module.__dict__.clear()
+            module.__dict__.update(state)
+            module.__class__ = cls
+        raise
     logger.info("encoded %d Linear layers as %s", len(targets), aqlm_config.format_name)
     return model
 

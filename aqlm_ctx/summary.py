@@ -26,7 +26,8 @@ class ModelSummary:
     quantized_weights: int
     """Weights stored as codes."""
     code_bits: int
-    """Bits in codes plus codebooks and scales of the quantized layers (bias excluded)."""
+    """Storage bits of the quantized layers' codes (at their int8/int16 width), codebooks and scales (``float_bytes``
+    per value), bias excluded."""
     bytes: int
     """Storage of the whole model: codes, codebooks, scales and every other parameter and buffer."""
     dense_bytes: int
@@ -34,7 +35,11 @@ class ModelSummary:
 
     @property
     def bits_per_weight(self) -> float:
-        """Average bits per quantized weight, codebooks and scales included."""
+        """Average storage bits per quantized weight, codebooks and scales included.
+
+        The definition of :func:`aqlm_ctx.encoding.quantized_bits_per_weight` and ``aqlm-ctx inspect`` (for fp16
+        storage): a 1x4 code counts 8 bits, the int8 it is stored in, not 4.
+        """
         return self.code_bits / self.quantized_weights if self.quantized_weights else 0.0
 
     @property

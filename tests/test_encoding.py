@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aqlm
 import pytest
 import torch
+from torch import nn
 
+from aqlm_ctx import quantize_weights_, save_checkpoint, summarize
+from aqlm_ctx.cli import inspect_checkpoint
 from aqlm_ctx.config import AqlmConfig
 from aqlm_ctx.encoding import EncodedLinear, encode_linear, quantized_bits_per_weight
 from aqlm_ctx.kernels import install_kernels
@@ -248,3 +253,20 @@ def test_large_codebook_inverted_file_path() -> None:
     error = rel(enc.dequantize(), weight)
     assert error < rel(encode_linear(weight, CONFIGS["1x8 g8"], rounds=1).dequantize(), weight)
     assert error < rel(rtn(weight, 2, 64), weight)
+
+
+@pytest.mark.parametrize("name", ["1x4 g4", "2x6 g8x2", "2x8 g8"])
+def test_bits_per_weight_counts_codes_at_their_storage_width(name: str, tmp_path: Path) -> None:
+    """``quantized_bits_per_weight``, ``summarize`` and ``aqlm-ctx inspect`` agree: a 1x4 code is an int8 (8 bits)."""
+    cfg = CONFIGS[name]
+    og, ig = cfg.out_group_size, cfg.in_group_size
+    codes = (64 // og) * (64 // ig) * cfg.num_codebooks * 8  # int8 codes, whatever nbits_per_codebook is
+    codebooks = cfg.num_codebooks * cfg.codebook_size * og * ig * 16
+    expected = (codes + codebooks + (64 // og) * 16) / (64 * 64)
+    assert quantized_bits_per_weight(cfg, 64, 64) == pytest.approx(expected)
+    model = nn.Sequential(nn.Linear(64, 64).half())
+    quantize_weights_(model, cfg, progress=False, rounds=0, kmeans_iters=1)
+    assert model[0].codes.dtype == torch.int8
+    assert summarize(model).bits_per_weight == pytest.approx(expected)
+    save_checkpoint(model, tmp_path)
+    assert inspect_checkpoint(tmp_path)["bits_per_weight"] == pytest.approx(expected)

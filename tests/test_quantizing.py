@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from aqlm import QuantizedLinear
 from torch import nn
 
 import aqlm_ctx
-from aqlm_ctx import AqlmConfig, quantize_weights_, save_checkpoint
+from aqlm_ctx import AqlmConfig, quantize_weights_, quantizing, save_checkpoint
+from aqlm_ctx.encoding import encode_linear
 
 from .hub import dequantize
 from .utils import tiny_llama_config
@@ -97,3 +99,125 @@ def test_encodes_on_the_gpu_with_calibration_as_well_as_on_the_cpu() -> None:
         with torch.no_grad():
             errors[device] = ((layer(x) - reference).norm() / reference.norm()).item()
     assert errors["cuda"] < 1.1 * errors["cpu"], errors
+
+
+def test_non_finite_weight_is_refused_before_any_layer_is_converted() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"(?s)\n  2: its weight of shape \[16, 16\] has NaN.*not changed"):
+        quantize_weights_(model, CONFIG, progress=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_non_finite_calibration_inputs_name_the_layer_they_reached(batch: int) -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)))
+    batches = [torch.randn(4, 16), torch.randn(4, 16)]
+    batches[batch][1, 3] = float("inf")
+    with pytest.raises(
+        ValueError, match=rf"calibration batch {batch}: layer '1.0'.*NaN or infinite.*not changed"
+    ) as info:
+        quantize_weights_(model, CONFIG, calibration=batches, progress=False)
+    assert "input_stats" not in str(info.value)
+    assert [type(m) for m in model[1]] == [nn.Linear, nn.Linear]
+
+
+def test_an_error_while_encoding_a_later_layer_leaves_the_model_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    calls = []
+
+    def failing(weight: torch.Tensor, *args: object, **kwargs: object) -> object:
+        calls.append(weight)
+        if len(calls) == 2:
+            raise ValueError("boom")
+        return encode_linear(weight, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quantizing, "encode_linear", failing)
+    with pytest.raises(ValueError, match="^1: boom; the model was not changed"):
+        quantize_weights_(model, CONFIG, progress=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
+
+
+def test_bad_encoding_options_are_refused_before_calibration() -> None:
+    model = nn.Sequential(nn.Linear(16, 16))
+
+    def never() -> Iterator[torch.Tensor]:
+        pytest.fail("calibration ran")
+        yield torch.zeros(1, 16)
+
+    with pytest.raises(ValueError, match="rounds must be an int >= 0"):
+        quantize_weights_(model, CONFIG, calibration=never(), progress=False, rounds=-1)
+    with pytest.raises(TypeError, match="unknown encoding option.*beam.*allowed: rounds, beam_size"):
+        quantize_weights_(model, CONFIG, calibration=never(), progress=False, beam=2)
+    assert type(model[0]) is nn.Linear
+
+
+def test_calibration_inputs_of_the_wrong_width_name_the_layer() -> None:
+    model = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(
+        ValueError, match=r"calibration batch 0: layer '0' got an input of shape \[4, 12\].*in_features is 16"
+    ):
+        quantize_weights_(model, CONFIG, calibration=[torch.randn(4, 12)], progress=False)
+    assert type(model[0]) is nn.Linear
+
+
+class KeywordCall(nn.Module):
+    """Calls its Linear by keyword, as ``nn.Linear.forward(input=...)`` allows."""
+
+    def __init__(self, keyword: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 128)
+        self.keyword = keyword
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(input=x) if self.keyword else self.lin(x)
+
+
+def test_calibration_reads_inputs_passed_by_keyword() -> None:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(64, 64, generator=generator) @ torch.randn(64, 64, generator=generator)
+    codes = []
+    for keyword in (True, False):
+        model = KeywordCall(keyword)
+        quantize_weights_(model, CONFIG, calibration=[inputs], progress=False, rounds=1, sweeps=1)
+        codes.append(model.lin.codes)
+    assert torch.equal(codes[0], codes[1])
+    assert not torch.equal(codes[0], quantize_weights_(KeywordCall(True), CONFIG, progress=False, rounds=1).lin.codes)
+
+
+def test_calibration_runs_in_eval_mode_and_restores_every_training_flag() -> None:
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Dropout(0.5), nn.Linear(64, 128), nn.BatchNorm1d(128), nn.Linear(128, 64))
+
+    inputs = [torch.randn(32, 64) + 3, torch.randn(32, 64)]
+    model = build()  # training mode, but one submodule in eval
+    model[2].eval()
+    running = (model[2].running_mean.clone(), model[2].running_var.clone())
+    quantize_weights_(model, CONFIG, calibration=inputs, progress=False, rounds=1, sweeps=1)
+    assert torch.equal(model[2].running_mean, running[0]) and torch.equal(model[2].running_var, running[1])
+    assert int(model[2].num_batches_tracked) == 0
+    assert [m.training for m in model.modules()] == [True, True, True, False, True]
+    model[2].train()
+    reference = build().eval()  # the same statistics as an eval-mode model: dropout was off
+    quantize_weights_(reference, CONFIG, calibration=inputs, progress=False, rounds=1, sweeps=1)
+    assert all(torch.equal(model[i].codes, reference[i].codes) for i in (1, 3))
+
+
+def test_warns_about_layers_no_calibration_batch_reached() -> None:
+    class Partial(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    model = Partial()
+    with pytest.warns(UserWarning, match="no calibration batch reached these layers.*: unused$"):
+        quantize_weights_(model, CONFIG, calibration=[torch.randn(4, 16)], progress=False, rounds=0)
+    assert type(model.unused) is QuantizedLinear
