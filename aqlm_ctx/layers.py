@@ -8,6 +8,8 @@ context, the visitor and the decorator produce the same model.
 from __future__ import annotations
 
 import types
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from aqlm import QuantizedLinear
@@ -18,6 +20,7 @@ from .kernels import install_kernels
 
 __all__ = [
     "check_divisible",
+    "make_all_quantized_in_place",
     "make_dense_in_place",
     "make_quantized_in_place",
     "new_quantized_linear",
@@ -106,6 +109,22 @@ def _become(module: nn.Module, template: nn.Module, old_keys: frozenset[str]) ->
 def make_quantized_in_place(module: nn.Linear, template: QuantizedLinear) -> None:
     """Turn the ``nn.Linear`` ``module`` into ``template`` (a fresh QuantizedLinear); its weight is released."""
     _become(module, template, _LINEAR_KEYS)
+
+
+def make_all_quantized_in_place(pairs: Iterable[tuple[nn.Module, QuantizedLinear]]) -> None:
+    """:func:`make_quantized_in_place` for every ``(module, template)``, all or nothing: on an error every module
+    already turned is put back as it was."""
+    converted: list[tuple[nn.Module, type[nn.Module], dict[str, Any]]] = []
+    try:
+        for module, template in pairs:
+            converted.append((module, type(module), dict(vars(module))))
+            make_quantized_in_place(module, template)  # type: ignore[arg-type]
+    except BaseException:
+        for module, cls, state in reversed(converted):
+            module.__dict__.clear()
+            module.__dict__.update(state)
+            module.__class__ = cls
+        raise
 
 
 def make_dense_in_place(

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import ConfigLike, SkipPattern, as_config
 from .encoding import check_encode_options, encode_linear
-from .layers import make_quantized_in_place, new_quantized_linear
+from .layers import make_all_quantized_in_place, new_quantized_linear
 from .visitor import select_linear_layers
 
 __all__ = ["quantize_weights_"]
@@ -213,17 +213,7 @@ def quantize_weights_(
             template.bias = nn.Parameter(bias, requires_grad=False)
         templates.append(template)
         bar(path)
-    converted: list[tuple[nn.Module, type[nn.Module], dict[str, Any]]] = []
-    try:
-        for linear, template in zip(targets.values(), templates, strict=True):
-            converted.append((linear, type(linear), dict(vars(linear))))
-            make_quantized_in_place(linear, template)  # the template is wired to aqlm_ctx's kernels
-    except BaseException:
-        for module, cls, state in reversed(converted):  # put back every layer already converted
-            module.__dict__.clear()
-            module.__dict__.update(state)
-            module.__class__ = cls
-        raise
+    make_all_quantized_in_place(zip(targets.values(), templates, strict=True))  # templates use aqlm_ctx's kernels
     logger.info("encoded %d Linear layers as %s", len(targets), aqlm_config.format_name)
     return model
 

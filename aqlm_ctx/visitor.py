@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
-from .layers import check_divisible, indivisible_layers_error, make_quantized_in_place, new_quantized_linear
+from .layers import check_divisible, indivisible_layers_error, make_all_quantized_in_place, new_quantized_linear
 from .matching import SkipMatcher
 from .substitutions import substitution_for
 
@@ -142,17 +142,7 @@ def _replace(
         bias = module.bias
         if bias is not None and id(bias) in shared and bias.dtype == template.bias.dtype:
             template._parameters["bias"] = bias  # a bias tied to another module (BERT's decoder) stays tied
-    converted: list[tuple[nn.Module, type[nn.Module], dict[str, Any]]] = []
-    try:
-        for (_, module), template in zip(targets, templates, strict=True):
-            converted.append((module, type(module), dict(vars(module))))
-            make_quantized_in_place(module, template)
-    except BaseException:
-        for module, cls, state in reversed(converted):  # put back every layer already swapped: all or nothing
-            module.__dict__.clear()
-            module.__dict__.update(state)
-            module.__class__ = cls
-        raise
+    make_all_quantized_in_place((module, template) for (_, module), template in zip(targets, templates, strict=True))
     for _, _, original, replacement in _swaps(swapped):
         fill = substitution_for(original).fill  # type: ignore[union-attr]
         if fill is not None and _has_real_tensors(original):
