@@ -491,9 +491,14 @@ def _build_transformers_model(
 
     architectures = model_config.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if not architectures:
+        raise ValueError(
+            f"{path}/config.json names no architecture (no 'architectures' field, as for a model of your own); "
+            "pass model_fn= to build the model yourself"
+        )
     if model_class is None:
         raise ValueError(
-            f"{path}/config.json names architecture {architectures or 'none'}, which this transformers "
+            f"{path}/config.json names architecture {architectures}, which this transformers "
             f"({transformers.__version__}) does not export; pass model_fn= to build the model yourself "
             "(checkpoint code is never executed: no trust_remote_code)"
         )

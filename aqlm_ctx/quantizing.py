@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import ConfigLike, SkipPattern, as_config
 from .encoding import check_encode_options, encode_linear
-from .layers import make_all_quantized_in_place, new_quantized_linear
+from .layers import indivisible_layers_error, make_all_quantized_in_place, new_quantized_linear
 from .visitor import select_linear_layers
 
 __all__ = ["quantize_weights_"]
@@ -163,8 +163,11 @@ def quantize_weights_(
         raise TypeError(f"expected a torch.nn.Module to quantize, got {type(model).__name__}")
     check_encode_options(**encode_options)
     aqlm_config = as_config(config).with_skip(skip)
-    selected, problems = select_linear_layers(model, aqlm_config, "quantize_weights_")
+    selected, indivisible = select_linear_layers(model, aqlm_config, "quantize_weights_")
+    if indivisible:
+        raise indivisible_layers_error(indivisible, aqlm_config, "; the model was not changed")
     targets = dict(selected)
+    problems: list[str] = []
     for path, m in targets.items():
         if m.weight.is_meta:
             problems.append(f"{path or '<root>'}: its weight is on the meta device (load real weights first)")

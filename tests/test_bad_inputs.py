@@ -701,3 +701,11 @@ def test_from_pretrained_loads_the_named_transformers_class_and_ignores_auto_map
     assert torch.equal(loaded.model.layers[0].self_attn.q_proj.codes, model.model.layers[0].self_attn.q_proj.codes)
     assert not marker.exists()
     assert "modeling_x" not in sys.modules and "configuration_x" not in sys.modules
+
+
+def test_from_pretrained_on_a_checkpoint_of_your_own_model_asks_for_model_fn(ckpt: Path) -> None:
+    config = json.loads((ckpt / "config.json").read_text())
+    config.pop("architectures", None)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json names no architecture .*pass model_fn="):
+        from_pretrained(ckpt)
