@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import aqlm_ctx.construction
+import aqlm_ctx.layers
 import aqlm_ctx.visitor
 from aqlm_ctx import AqlmConfig, aqlm_quantized, from_pretrained, quantize_model, replace_linear_layers
 from aqlm_ctx.checkpoint import find_checkpoint_files, open_checkpoint
@@ -298,7 +299,8 @@ def test_visitor_failing_on_the_nth_layer_leaves_the_model_untouched(
 ) -> None:
     model = Small()
     state = _state(model)
-    original = getattr(aqlm_ctx.visitor, function)
+    owner = aqlm_ctx.visitor if function == "new_quantized_linear" else aqlm_ctx.layers  # where it is looked up
+    original = getattr(owner, function)
     calls = {"count": 0}
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -307,7 +309,7 @@ def test_visitor_failing_on_the_nth_layer_leaves_the_model_untouched(
             raise Boom(f"{function} failed on call {failing_call}")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(aqlm_ctx.visitor, function, flaky)
+    monkeypatch.setattr(owner, function, flaky)
     with pytest.raises(Boom, match=f"failed on call {failing_call}"):
         replace_linear_layers(model, CONFIG)
     assert_untouched(model, state)
