@@ -67,15 +67,20 @@ def _architecture(file: Path, model_config: dict[str, Any]) -> str:
 _LAYER_PARTS = ("codes", "codebooks", "scales")
 
 
+def _name(module: str, part: str) -> str:
+    """The checkpoint name of a tensor of ``module`` (``""`` for a checkpoint of one layer)."""
+    return f"{module}.{part}" if module else part
+
+
 def _check_parts_present(names: set[str]) -> list[str]:
     """The quantized layers' module paths (those with codes or codebooks), checked to have all three parts."""
     modules = sorted({name.rpartition(".")[0] for name in names if name.rpartition(".")[2] in _LAYER_PARTS[:2]})
     for module in modules:
-        have = [part for part in _LAYER_PARTS if f"{module}.{part}" in names]
+        have = [part for part in _LAYER_PARTS if _name(module, part) in names]
         if len(have) < len(_LAYER_PARTS):
-            lacking = [f"{module}.{part}" for part in _LAYER_PARTS if part not in have]
+            lacking = [_name(module, part) for part in _LAYER_PARTS if part not in have]
             raise ValueError(
-                f"quantized layer {module} has {' and '.join(have)} but no {' or '.join(lacking)}; "
+                f"quantized layer {module or '<root>'} has {' and '.join(have)} but no {' or '.join(lacking)}; "
                 "an AQLM layer needs codes, codebooks and scales"
             )
     return modules
@@ -83,16 +88,16 @@ def _check_parts_present(names: set[str]) -> list[str]:
 
 def _layer_bits(reader: TensorReader, module: str, config: AqlmConfig) -> tuple[int, int]:
     """Bits on disk and weights of the quantized layer ``module``, after checking its tensors against ``config``."""
-    parts = {part: reader.dtype_and_shape(f"{module}.{part}") for part in _LAYER_PARTS}
+    parts = {part: reader.dtype_and_shape(_name(module, part)) for part in _LAYER_PARTS}
     codes_dtype, codes_shape = parts["codes"]
     if len(codes_shape) != 3 or codes_shape[2] != config.num_codebooks:
         raise ValueError(
-            f"{module}.codes: shape {list(codes_shape)} in the checkpoint, expected [out_groups, in_groups, "
+            f"{_name(module, 'codes')}: shape {list(codes_shape)} in the checkpoint, expected [out_groups, in_groups, "
             f"{config.num_codebooks}] for the checkpoint's {config.format_name} config"
         )
     if codes_dtype != config.code_dtype:
         raise ValueError(
-            f"{module}.codes: codes are {codes_dtype} in the checkpoint, but nbits_per_codebook="
+            f"{_name(module, 'codes')}: codes are {codes_dtype} in the checkpoint, but nbits_per_codebook="
             f"{config.nbits_per_codebook} needs {config.code_dtype}"
         )
     out_groups, in_groups, _ = codes_shape
@@ -102,11 +107,11 @@ def _layer_bits(reader: TensorReader, module: str, config: AqlmConfig) -> tuple[
         dtype, stored = parts[part]
         if stored != shape:
             raise ValueError(
-                f"{module}.{part}: shape {list(stored)} in the checkpoint, expected {list(shape)} for "
+                f"{_name(module, part)}: shape {list(stored)} in the checkpoint, expected {list(shape)} for "
                 f"{config.format_name} codes of shape {list(codes_shape)}"
             )
         if not dtype.is_floating_point:
-            raise ValueError(f"{module}.{part}: dtype {dtype} in the checkpoint, expected a floating dtype")
+            raise ValueError(f"{_name(module, part)}: dtype {dtype} in the checkpoint, expected a floating dtype")
     bits = sum(_FLOAT_BITS.get(str(dtype), dtype.itemsize * 8) * math.prod(shape) for dtype, shape in parts.values())
     return bits, out_groups * in_groups * group[0] * group[1]
 
@@ -161,7 +166,7 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[
         for module in quantized:
             bits, count = _layer_bits(reader, module, config)
             code_bits, weights = code_bits + bits, weights + count
-        dense = [module for module in _dense_layers(reader, names) if f"{module}.codes" not in name_set]
+        dense = [module for module in _dense_layers(reader, names) if _name(module, "codes") not in name_set]
     skeleton = _skeleton(directory, model_config, config)
     matcher = SkipMatcher(config.skip)
     found = matcher.resolve(skeleton if skeleton is not None else _module_paths_from_names(names))

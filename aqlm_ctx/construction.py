@@ -12,15 +12,14 @@ How it works, and why it is safe inside someone else's program:
   context (thread or task) that opened the block.
 * Module paths do not exist while a layer is built, so skip patterns are applied when the block ends: the block
   records where each module it built was attached (``register_module_module_registration_hook``), walks each
-  resulting model from its root and turns skipped layers back into dense ``nn.Linear`` on meta, in place. A layer
-  built in the block carries its record until then, so ``copy.deepcopy`` copies (``nn.TransformerEncoder``'s
-  layer clones) are registered with the block too.
+  resulting model from its root and turns skipped layers back into dense ``nn.Linear`` on meta, in place. A
+  ``copy.deepcopy`` of a built layer (``nn.TransformerEncoder``'s layer clones) is a ``QuantizedLinear`` that still
+  carries a meta stand-in ``weight``: the walk treats it as a layer built in the block.
 """
 
 from __future__ import annotations
 
 import contextvars
-import copy
 import logging
 import os
 import sys
@@ -29,7 +28,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 import wrapt
@@ -56,15 +55,11 @@ __all__ = ["aqlm_quantized"]
 
 logger = logging.getLogger(__name__)
 
-#: Attribute (in its ``__dict__``) of a layer built inside a block, until the block ends: its :class:`_BuiltLayer`.
-_BUILT = "_aqlm_ctx_built"
-
 
 @dataclass(eq=False)
 class _BuiltLayer:
     """A linear layer built inside a block, and what it was built with."""
 
-    block: _Block
     module: nn.Module
     in_features: int
     out_features: int
@@ -74,29 +69,10 @@ class _BuiltLayer:
     placeholder: nn.Parameter | None = None
     own_bias: nn.Parameter | None = None
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _BuiltLayer:
-        """The record of a deep copy of the layer (``copy.deepcopy`` copies the module's ``__dict__``, this record
-        included): a layer built alike, with the copy's own stand-in weight and bias, registered with the block."""
-        copied = _BuiltLayer(
-            self.block,
-            copy.deepcopy(self.module, memo),
-            self.in_features,
-            self.out_features,
-            self.dtype,
-            self.device,
-            self.source,
-            copy.deepcopy(self.placeholder, memo),
-            copy.deepcopy(self.own_bias, memo),
-        )
-        self.block.layers.append(copied)
-        return copied
-
     def drop_placeholder(self) -> nn.Parameter | None:
-        """Remove the stand-in ``weight`` (and the record) if the module still has it, and return it: its
-        ``requires_grad`` and dtype are what model code made of the layer's weight (``.requires_grad_(False)``,
-        ``.to(torch.bfloat16)``) while it was quantized."""
-        if self.module.__dict__.get(_BUILT) is self:
-            del self.module.__dict__[_BUILT]
+        """Remove the stand-in ``weight`` if the module still has it, and return it: its ``requires_grad`` and dtype
+        are what model code made of the layer's weight (``.requires_grad_(False)``, ``.to(torch.bfloat16)``) while
+        it was quantized."""
         placeholder, self.placeholder = self.placeholder, None
         if placeholder is None or self.module._parameters.get("weight") is not placeholder:
             return None
@@ -134,7 +110,7 @@ class _Block:
         # Without an explicit device, where torch.device(...) modes and this block's meta default would put it.
         built_on = torch.device(device) if device is not None else torch.empty(0).device
         source = _caller_location()
-        layer = _BuiltLayer(self, module, in_features, out_features, dtype, built_on, source)
+        layer = _BuiltLayer(module, in_features, out_features, dtype, built_on, source)
         self.layers.append(layer)
         if check_divisible(in_features, out_features, config, source) is not None:
             # Not storable in these groups: stays a meta Linear; the block's end skips it or says why it cannot.
@@ -148,7 +124,6 @@ class _Block:
             layer.placeholder = nn.Parameter(torch.empty(out_features, in_features, device="meta", dtype=dtype))
             module._parameters["weight"] = layer.placeholder
             layer.own_bias = module._parameters["bias"]
-        module.__dict__[_BUILT] = layer
         install_kernels(module)
 
     def _init_quantized(
@@ -174,6 +149,25 @@ class _Block:
         }
         module.__dict__.update(state)
         module.__class__ = QuantizedLinear
+
+    def _copies(self, roots: list[nn.Module]) -> list[_BuiltLayer]:
+        """Deep copies of built layers under ``roots``: QuantizedLinear layers that carry a meta stand-in weight."""
+        known = {id(layer.module) for layer in self.layers}
+        device = torch.device("meta") if self.owner.init_on_meta else torch.get_default_device()
+        copies = []
+        for root in roots:
+            for module in root.modules():
+                if type(module) is not QuantizedLinear or id(module) in known:
+                    continue
+                weight = module._parameters.get("weight")
+                if not isinstance(weight, nn.Parameter) or not weight.is_meta:
+                    continue
+                known.add(id(module))
+                in_features, out_features = cast(int, module.in_features), cast(int, module.out_features)
+                layer = _BuiltLayer(module, in_features, out_features, weight.dtype, device, "a copy made in the block")
+                layer.placeholder, layer.own_bias = weight, module._parameters.get("bias")
+                copies.append(layer)
+        return copies
 
     def note_registration(self, parent: nn.Module, child: nn.Module) -> None:
         self.parents.pop(id(parent), None)
@@ -210,18 +204,26 @@ class _Block:
         # Models attached to last first: a layer that passed through a temporary container (nn.Sequential(layer)
         # to count its parameters) takes its path from the model it ended up in.
         roots = [*first_roots, *(m for m in reversed(self.parents.values()) if m not in self.children)]
-        roots += [layer.module for layer in self.layers]  # layers attached to nothing are their own roots
-        pending = {id(layer.module): layer for layer in self.layers}
-        present = self._as_built(pending) if matcher.has_callables else None
-        decided: list[tuple[_BuiltLayer, str, bool]] = []
+        self.layers += self._copies(roots)
+        built = {id(layer.module): layer for layer in self.layers}
+        present = self._as_built(built) if matcher.has_callables else None
+        # A layer takes its path from the first root that reaches it, and is skipped if a skip pattern matches any
+        # of its paths (it may also sit in a container made to count parameters, or in a second model); layers
+        # attached to nothing are their own roots.
+        paths: dict[int, str] = {}
+        skips: set[int] = set()
         used: set[int] = set()
-        for root in roots:
-            if not pending:
-                break
+        for root in [*roots, *(layer.module for layer in self.layers)]:
+            if id(root) in built and id(root) in paths:
+                continue
             found = matcher.resolve(root, present=present)
             used |= found.used
-            for key in [key for key in pending if key in found.modules]:
-                decided.append((pending.pop(key), found.modules[key][0], key in found.skipped))
+            for key, (path, _) in found.modules.items():
+                if key in built:
+                    paths.setdefault(key, path)
+                    if key in found.skipped:
+                        skips.add(key)
+        decided = [(layer, paths[id(layer.module)], id(layer.module) in skips) for layer in self.layers]
         problems = [
             message
             for layer, path, skipped in decided
@@ -230,7 +232,11 @@ class _Block:
         ]
         if problems:
             raise indivisible_layers_error(problems, config)
-        parametrized = [_where(path, layer) for layer, path, _ in decided if parametrize.is_parametrized(layer.module)]
+        parametrized = [
+            _where(path, layer)
+            for layer, path, _ in decided
+            if isinstance(layer.module, QuantizedLinear) and parametrize.is_parametrized(layer.module)
+        ]
         if parametrized:
             raise ValueError(
                 "these layers were parametrized (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) while "
@@ -470,6 +476,8 @@ class aqlm_quantized:
     ``init_on_meta=False`` a skipped layer gets ``nn.Linear``'s default initialisation when the block ends: what
     the model's own code initialised inside the block was the quantized layer's stand-in, so load the layer's
     weights or initialise it after the block. A layer parametrized inside the block (``weight_norm``) is refused.
+    A ``copy.deepcopy`` of a layer made inside the block counts as built there once it is attached to a model of the
+    block (``nn.TransformerEncoder``'s clones); copy a whole model after the block ends.
 
     Scope: only the thread or asyncio task that entered the block is affected; others building models at the
     same time get ordinary layers. Blocks nest (the inner config applies to what is built inside it, and each
@@ -483,7 +491,8 @@ class aqlm_quantized:
 
     Raises:
         ValueError: on exit, a layer that is not skipped cannot be split into the config's groups (the message
-            names its path, the line that built it, its shape and the group sizes).
+            names its path, the line that built it, its shape and the group sizes), or a quantized layer was
+            parametrized (``weight_norm``) inside the block.
         RuntimeError: blocks were exited in a different order than they were entered.
 
     Example:

@@ -8,7 +8,7 @@ context, the visitor and the decorator produce the same model.
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -111,20 +111,25 @@ def make_quantized_in_place(module: nn.Linear, template: QuantizedLinear) -> Non
     _become(module, template, _LINEAR_KEYS)
 
 
-def make_all_quantized_in_place(pairs: Iterable[tuple[nn.Module, QuantizedLinear]]) -> None:
+def make_all_quantized_in_place(pairs: Iterable[tuple[nn.Module, QuantizedLinear]]) -> Callable[[], None]:
     """:func:`make_quantized_in_place` for every ``(module, template)``, all or nothing: on an error every module
-    already turned is put back as it was."""
+    already turned is put back as it was. Returns a function that puts them all back (for a later step that fails)."""
     converted: list[tuple[nn.Module, type[nn.Module], dict[str, Any]]] = []
+
+    def undo() -> None:
+        for module, cls, state in reversed(converted):
+            module.__dict__.clear()
+            module.__dict__.update(state)
+            module.__class__ = cls
+
     try:
         for module, template in pairs:
             converted.append((module, type(module), dict(vars(module))))
             make_quantized_in_place(module, template)  # type: ignore[arg-type]
     except BaseException:
-        for module, cls, state in reversed(converted):
-            module.__dict__.clear()
-            module.__dict__.update(state)
-            module.__class__ = cls
+        undo()
         raise
+    return undo
 
 
 def make_dense_in_place(

@@ -172,9 +172,10 @@ def save_checkpoint(
     after CPU inference with aqlm's own kernels. A save followed by a load is bit-exact.
 
     Every file is first written to a temporary folder inside ``path`` and then renamed into place, so a save that
-    fails leaves an existing checkpoint as it was. With ``overwrite`` the old checkpoint's weight files that the new
-    one does not write (a single file replaced by shards, or the reverse) are removed afterwards; other files in
-    ``path`` are never touched.
+    fails while writing (an error in the model's tensors, a full disk) leaves an existing checkpoint as it was; the
+    renames themselves follow one another (weights, then configs), so a reader or a crash in between may see both.
+    With ``overwrite`` the old checkpoint's weight files that the new one does not write (a single file replaced by
+    shards, or the reverse) are removed afterwards; other files in ``path`` are never touched.
 
     Args:
         model: a model with real (not meta) tensors whose QuantizedLinear layers share one format.

@@ -142,11 +142,19 @@ def _replace(
         bias = module.bias
         if bias is not None and id(bias) in shared and bias.dtype == template.bias.dtype:
             template._parameters["bias"] = bias  # a bias tied to another module (BERT's decoder) stays tied
-    make_all_quantized_in_place((module, template) for (_, module), template in zip(targets, templates, strict=True))
-    for _, _, original, replacement in _swaps(swapped):
-        fill = substitution_for(original).fill  # type: ignore[union-attr]
-        if fill is not None and _has_real_tensors(original):
-            fill(original, replacement)  # layers kept dense get the original's weights
+    undo = make_all_quantized_in_place(
+        (module, template) for (_, module), template in zip(targets, templates, strict=True)
+    )
+    try:
+        for _, _, original, replacement in _swaps(swapped):
+            fill = substitution_for(original).fill  # type: ignore[union-attr]
+            if fill is not None and _has_real_tensors(original):
+                fill(original, replacement)  # layers that stay dense get the original's weights
+    except BaseException:  # all or nothing: the layers back, then the substituted modules
+        undo()
+        for parent, name, original in swapped:
+            parent._modules[name] = original
+        raise
     logger.info(
         "replaced %d Linear layers with QuantizedLinear (%s); %d kept dense by skip",
         len(targets),

@@ -218,6 +218,11 @@ def _not_divisible_out(ckpt: Path) -> None:
         nn.ModuleDict({"odd": nn.Linear(16, 10)})
 
 
+def _parametrized_context(ckpt: Path) -> None:
+    with aqlm_quantized(CONFIG):
+        nn.ModuleDict({"head": nn.utils.parametrizations.weight_norm(nn.Linear(16, 16))})
+
+
 def _not_divisible_visitor(ckpt: Path) -> None:
     replace_linear_layers(nn.ModuleDict({"ok": nn.Linear(16, 16), "odd": nn.Linear(12, 16)}), CONFIG)
 
@@ -355,6 +360,12 @@ CASES: list[tuple[str, Callable[[Path], Any], type[Exception], str]] = [
         _not_divisible_out,
         ValueError,
         r"odd .*Linear\(16, 10\): out_features=10 is not divisible by out_group_size=4",
+    ),
+    (
+        "context-parametrized",
+        _parametrized_context,
+        ValueError,
+        r"were parametrized \(torch\.nn\.utils\.parametrize.*\n  head \(built at .*test_bad_inputs\.py:\d+\)",
     ),
     (
         "visitor-not-divisible",

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import aqlm_ctx.cli
 from aqlm_ctx.cli import main
+from aqlm_ctx.testing import random_tensors
 
 from .hub import write_llama_checkpoint
 from .test_loading import tiny_llama
@@ -264,3 +265,13 @@ def test_module_entry_point_malformed_checkpoint_has_no_traceback(single: Path, 
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"{LAYER}.codebooks" in result.stderr
+
+
+def test_a_checkpoint_of_one_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """save_checkpoint(layer) writes codes / codebooks / scales at the root; inspect reads them as one layer."""
+    with aqlm_ctx.aqlm_quantized(aqlm_ctx.AqlmConfig(num_codebooks=2, nbits_per_codebook=8)):
+        layer = torch.nn.Linear(64, 32)
+    aqlm_ctx.load_tensors(layer, random_tensors(layer))
+    aqlm_ctx.save_checkpoint(layer, tmp_path)
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantized_layers"] == 1

@@ -434,3 +434,27 @@ def test_other_quant_method_is_named_before_its_keys(tmp_path: Path) -> None:
     assert AqlmConfig.from_dict({"quant_method": "AQLM", "num_codebooks": 2}).num_codebooks == 2
     with pytest.raises(ValueError, match="quant_method must be 'aqlm', got None"):
         AqlmConfig.from_dict({"quant_method": None})
+
+
+class Fused(nn.Module):
+    """A module with a fused weight and no Linear, substituted by two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 16, 16))
+
+
+def test_a_failing_fill_leaves_the_visited_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aqlm_ctx import substitutions
+
+    def fill(original: nn.Module, replacement: nn.Module) -> None:
+        raise Boom("fill failed")
+
+    substitution = substitutions.Substitution(Fused, lambda _: nn.ModuleDict({"a": nn.Linear(16, 16)}), fill=fill)
+    monkeypatch.setitem(substitutions._REGISTRY, Fused, substitution)
+    model = nn.Sequential(Fused(), nn.Linear(16, 16))
+    state = _state(model)
+    with pytest.raises(Boom, match="fill failed"):
+        replace_linear_layers(model, CONFIG, skip=["0.a"])
+    assert_untouched(model, state)
+    assert type(model[0]) is Fused and type(model[1]) is nn.Linear
