@@ -414,3 +414,23 @@ def test_layers_parametrized_while_built_are_refused() -> None:
             model = nn.Module()
             model.head = parametrizations.weight_norm(nn.Linear(16, 16))
     assert_restored(snapshot())
+
+
+def test_a_container_made_after_the_model_does_not_take_its_skips() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with aqlm_quantized(CONFIG, skip=["lm_head"]):
+            model = TinyLM(tie=False)
+            assert sum(p.numel() for p in nn.Sequential(model.lm_head).parameters()) > 0
+    assert type(model.lm_head) is nn.Linear and type(model.layers[0]["q"]) is QuantizedLinear
+
+
+def test_a_model_built_in_a_block_can_be_saved_inside_it() -> None:
+    import io
+    import pickle
+
+    with aqlm_quantized(CONFIG, skip=["lm_head"]):
+        model = TinyLM(tie=False)
+        data = pickle.dumps(model)
+    assert type(pickle.loads(data).layers[0]["q"]) is QuantizedLinear  # the model as it was when pickled
+    torch.save(model, io.BytesIO())
