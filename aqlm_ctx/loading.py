@@ -125,12 +125,16 @@ def _tensor_problems(
 
 
 def _module_devices(model: nn.Module, device_map: Mapping[str, DeviceLike]) -> Callable[[str], torch.device]:
+    on_disk = sorted(name or "<root>" for name, device in device_map.items() if device == "disk")
+    if on_disk:
+        raise ValueError(
+            f"device_map puts {', '.join(on_disk)} on 'disk', which aqlm_ctx does not support: give the model more "
+            "max_memory, or place those modules on 'cpu'"
+        )
     resolved = {
         name: torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
         for name, device in device_map.items()
     }
-    if any(device.type == "disk" for device in resolved.values()):
-        raise ValueError("device_map entries on 'disk' are not supported: give the model more max_memory")
 
     def device_of(tensor_name: str) -> torch.device:
         parts = tensor_name.split(".")
@@ -353,6 +357,7 @@ def load_tensors(
     return _load(model, MappingReader(tensors), "tensors", None, device, device_map, max_memory, dtype, strict, None)
 
 
+@torch.inference_mode(False)  # loaded tensors are ordinary ones (version counters), also under inference_mode
 def _load(
     model: nn.Module,
     reader: TensorReader | MappingReader,

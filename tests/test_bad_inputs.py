@@ -249,6 +249,10 @@ def _device_and_map(ckpt: Path) -> None:
     load_checkpoint(skeleton(), ckpt, device="cpu", device_map={"": "cpu"})
 
 
+def _device_map_disk(ckpt: Path) -> None:
+    load_checkpoint(skeleton(), ckpt, device_map={"embed": "cpu", "proj": "cpu", "lm_head": "disk"})
+
+
 def _load_dtype(ckpt: Path) -> None:
     load_checkpoint(skeleton(), ckpt, dtype="int8")
 
@@ -473,6 +477,7 @@ CASES: list[tuple[str, Callable[[Path], Any], type[Exception], str]] = [
         r"from_pretrained\(\) got unexpected keyword arguments: devce",
     ),
     ("load-device-and-map", _device_and_map, ValueError, r"pass either device or device_map"),
+    ("load-device-map-disk", _device_map_disk, ValueError, r"device_map puts lm_head on 'disk', which aqlm_ctx"),
     ("load-dtype-int", _load_dtype, ValueError, r"^dtype must be a floating dtype .*got torch\.int8"),
     (
         "forward-before-load",

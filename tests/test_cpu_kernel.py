@@ -344,3 +344,53 @@ def test_installed_quantized_linear_end_to_end() -> None:
         assert_close(y[0], expected(x[0], codes, codebooks, scales, b))
     assert tuple(layer.codes.shape) == (4096, 512, 2)
     assert torch.equal(layer.codes, codes)
+
+
+def _two_by_eight(bias: bool = True) -> torch.nn.Module:
+    from aqlm_ctx import AqlmConfig, aqlm_quantized, load_tensors
+    from aqlm_ctx.testing import random_tensors
+
+    with aqlm_quantized(AqlmConfig(num_codebooks=2, nbits_per_codebook=8)):
+        layer = torch.nn.Linear(64, 32, bias=bias)
+    return load_tensors(layer, random_tensors(layer))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_computes_in_float32(dtype: torch.dtype) -> None:
+    layer = _two_by_eight()
+    for tokens in (1, 4, 64):
+        x = torch.randn(tokens, 64)
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            out = layer(x)
+        assert out.dtype == torch.float32
+        assert_close(out, expected(x, layer.codes, layer.codebooks, layer.scales, layer.bias))
+
+
+def test_loaded_and_run_under_inference_mode() -> None:
+    with torch.inference_mode():
+        layer = _two_by_eight()
+        x = torch.randn(1, 64)
+        out = layer(x)
+    assert_close(out, expected(x, layer.codes, layer.codebooks, layer.scales, layer.bias))
+    with torch.no_grad():  # codes made under inference_mode (the tensors were the caller's) work outside it too
+        assert_close(layer(x), out)
+
+
+def test_torch_compile_runs_the_cpu_kernels_eagerly() -> None:
+    layer = _two_by_eight()
+    compiled = torch.compile(layer, backend="eager")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert_close(compiled(x), expected(x, layer.codes, layer.codebooks, layer.scales, layer.bias))
+
+
+def test_plain_torch_fallback_casts_the_bias_to_the_input_dtype() -> None:
+    from aqlm_ctx.kernels.dispatch import aqlm_matmul
+
+    codes = torch.randint(-128, 128, (8, 8, 2), dtype=torch.int8)  # out_group_size 2: no numba kernel
+    codebooks, scales, bias = torch.randn(2, 256, 2, 8), torch.rand(8, 1, 1, 1) + 0.5, torch.randn(16)
+    x = torch.randn(3, 64, dtype=torch.float16)
+    out = aqlm_matmul(x, codes, codebooks, scales, bias)
+    assert out.dtype == torch.float16
+    reference = x.double() @ dequantize(codes, codebooks, scales).T + bias.double()
+    assert torch.allclose(out.double(), reference, rtol=2e-2, atol=2e-2)

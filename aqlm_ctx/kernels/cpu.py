@@ -240,8 +240,9 @@ def _unsigned_codes(codes: torch.Tensor) -> np.ndarray:
 
 
 def _key(codes: torch.Tensor) -> tuple[int, int]:
-    """What identifies the current contents of ``codes``: its version counter and data pointer."""
-    return codes._version, codes.data_ptr()
+    """What identifies the current contents of ``codes``: its version counter and data pointer (an inference tensor
+    has no version counter; it cannot be written outside ``torch.inference_mode``)."""
+    return -1 if codes.is_inference() else codes._version, codes.data_ptr()
 
 
 #: Integer type as wide as one group's codes (num_codebooks x bytes per code), for a 2-D transpose.
@@ -287,6 +288,7 @@ def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     return array
 
 
+@torch.compiler.disable  # numba compiles on a kernel's first call: torch.compile runs this eagerly (a graph break)
 def matmul(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -296,8 +298,8 @@ def matmul(
 ) -> torch.Tensor:
     """``input @ W.T + bias`` on CPU for the AQLM weight that ``codes``/``codebooks``/``scales`` encode.
 
-    Computes in float32 and returns ``input.dtype``. Inputs are never modified. Call only where :func:`supports`
-    is true.
+    Computes in float32 (also under autocast) and returns ``input.dtype``. Inputs are never modified. Call only
+    where :func:`supports` is true.
 
     Args:
         input: ``[..., in_features]``, any strides.
@@ -314,6 +316,17 @@ def matmul(
     """
     if numba is None:
         raise RuntimeError("aqlm_ctx's CPU kernels need numba (pip install numba)")
+    with torch.autocast("cpu", enabled=False):  # the lookup tables go to numba as float32 arrays
+        return _matmul_float32(input, codes, codebooks, scales, bias)
+
+
+def _matmul_float32(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     num_codebooks, codebook_size, _, in_group_size = codebooks.shape
     out_features, in_groups = codes.shape[0], codes.shape[1]
     lead = input.shape[:-1]

@@ -37,5 +37,7 @@ def reference_matmul(
     scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``input @ W.T + bias`` with ``W`` dequantized in plain torch; differentiable in input, codebooks and scales."""
-    return F.linear(input, dequantize_weight(codes, codebooks, scales).to(input.dtype), bias)
+    """``input @ W.T + bias`` with ``W`` dequantized in plain torch, in the input's dtype; differentiable in input,
+    codebooks, scales and bias."""
+    weight = dequantize_weight(codes, codebooks, scales).to(input.dtype)
+    return F.linear(input, weight, None if bias is None else bias.to(input.dtype))
