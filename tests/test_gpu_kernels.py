@@ -666,10 +666,10 @@ def test_dtypes_aqlms_cuda_kernels_do_not_take_run_in_plain_torch(fmt: str) -> N
         x = torch.randn(tokens, 256, device="cuda")
         with torch.no_grad():
             out = aqlm_matmul(x, codes, codebooks, scales, bias)
-            half = aqlm_matmul(x.half(), codes, codebooks, scales, None)
+            half = aqlm_matmul(x.half(), codes, codebooks, scales, bias)
         assert out.dtype == torch.float32 and rel_err(out, reference(x, codes, codebooks, scales, bias)) < 1e-5
         assert half.dtype == torch.float16
-        assert rel_err(half, reference(x.half(), codes, codebooks, scales, None)) < TOLERANCE[torch.float16]
+        assert rel_err(half, reference(x.half(), codes, codebooks, scales, bias)) < TOLERANCE[torch.float16]
 
 
 # ---------------------------------------------------------------- CUDA prefill (wgmma) and dequantize-then-cuBLAS
