@@ -41,6 +41,9 @@ def _check_int(field: str, value: object, low: int, high: int | None = None) -> 
         raise ValueError(f"AqlmConfig.{field} must be {allowed}, got {value}")
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def parse_float_dtype(value: object, name: str) -> torch.dtype | None:
     """A floating ``torch.dtype`` from a dtype or its name (``"float16"``, ``"torch.bfloat16"``); None stays None.
 
@@ -59,7 +62,7 @@ def parse_float_dtype(value: object, name: str) -> torch.dtype | None:
             raise ValueError(f"{name} must name a floating torch dtype such as 'float16', got {value!r}")
     else:
         raise TypeError(f"{name} must be a torch.dtype, a dtype name or None, got {value!r} ({type(value).__name__})")
-    if dtype is not None and not dtype.is_floating_point:
+    if dtype is not None and dtype not in _FLOAT_DTYPES:  # float8 / float4 codebooks are not stored or computed
         raise ValueError(f"{name} must be a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
     return dtype
 
@@ -288,7 +291,17 @@ def as_config(config: ConfigLike | None) -> AqlmConfig:
     if isinstance(config, Mapping):
         return AqlmConfig.from_dict(config)
     if isinstance(config, (str, os.PathLike)):
-        return AqlmConfig.from_pretrained(config)
+        try:
+            return AqlmConfig.from_pretrained(config)
+        except OSError as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            shown = os.fspath(config)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(
+                f"expected a checkpoint directory path, got {shown!r}, which cannot be read as one ({error.strerror}); "
+                "pass a quantization_config dict as a dict, not as a JSON string"
+            ) from error
     if type(config).__name__ == "AqlmConfig" and all(hasattr(config, name) for name in _FORMAT_FIELDS):
         return AqlmConfig.from_transformers(config)
     raise TypeError(

@@ -127,11 +127,18 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _skip_list(model: nn.Module) -> list[str]:
-    """Every dense weight, by parameter name (transformers 4 matches these) and by module name (transformers 5)."""
+    """Every dense weight, by parameter name (transformers 4 matches these) and by module name (transformers 5).
+
+    A module that holds quantized layers is left out (its name, in either form, would skip them too), and so is the
+    root's own weight (it has no name); neither is a linear layer, which is what the list keeps dense.
+    """
     names = []
     for path, module in model.named_modules():
-        if not isinstance(module, QuantizedLinear) and isinstance(module._parameters.get("weight"), torch.Tensor):
-            names.extend([f"{path}.weight", path] if path else ["weight"])
+        weight = module._parameters.get("weight")
+        if not path or isinstance(module, QuantizedLinear) or not isinstance(weight, torch.Tensor):
+            continue
+        if not any(isinstance(inner, QuantizedLinear) for inner in module.modules()):
+            names += [f"{path}.weight", path]
     return names
 
 
@@ -190,11 +197,21 @@ def save_checkpoint(
     Raises:
         FileExistsError: ``path`` already holds a file the save would replace or remove (``config.json``,
             ``generation_config.json``, weight files) and ``overwrite`` is false.
-        ValueError: tensors are on meta, the quantized layers have several formats or none, bad ``max_shard_size``,
+        ValueError: tensors are on meta, the quantized layers have several formats or none, adapters (peft LoRA) wrap
+            quantized layers, bad ``max_shard_size``,
             or square 8-bit codes whose layout cannot be told after aqlm's own generic kernel ran on them.
     """
     directory = Path(path)
     limit = _parse_size(max_shard_size)
+    adapters = [
+        name for name, m in model.named_modules() if isinstance(getattr(m, "base_layer", None), QuantizedLinear)
+    ]
+    if adapters:
+        raise ValueError(
+            f"{adapters[0]} (and {len(adapters) - 1} more) wraps a quantized layer in an adapter (peft): "
+            "save_checkpoint writes base models; save the adapter with the peft model's save_pretrained, and the "
+            "base model before adding adapters or after model.unload()"
+        )
     config = _model_format(model)
     tensors = _tensors(model)
     generation = getattr(model, "generation_config", None)

@@ -66,14 +66,15 @@ def summarize(model: nn.Module, float_bytes: int = 2) -> ModelSummary:
     """
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     quantized_ids = {id(p) for layer in quantized for p in layer.parameters()}
-    quantized_weights = sum(layer.in_features * layer.out_features for layer in quantized)
-    code_bits = 8 * sum(
-        _storage(getattr(layer, name), float_bytes) for layer in quantized for name in ("codes", "codebooks", "scales")
-    )
+    # Layers that share one weight (tied) share their codes: each weight counts once, as each tensor is stored once.
+    weights = {id(layer.codes): layer for layer in quantized}.values()
+    quantized_weights = sum(layer.in_features * layer.out_features for layer in weights)
+    parts = {id(t): t for layer in quantized for t in (layer.codes, layer.codebooks, layer.scales)}
+    code_bits = 8 * sum(_storage(t, float_bytes) for t in parts.values())
     others = [p for p in model.parameters() if id(p) not in quantized_ids]
     tensors = [*model.parameters(), *model.buffers()]
     stored = sum(_storage(t, float_bytes) for t in tensors)
-    biases = sum(layer.bias.numel() for layer in quantized if layer.bias is not None)
+    biases = sum(bias.numel() for bias in {id(m.bias): m.bias for m in quantized if m.bias is not None}.values())
     dense_bytes = (quantized_weights + biases) * float_bytes + sum(_storage(t, float_bytes) for t in others)
     dense_bytes += sum(_storage(b, float_bytes) for b in model.buffers())
     return ModelSummary(

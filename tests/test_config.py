@@ -39,6 +39,7 @@ def test_frozen() -> None:
         ("num_codebooks", "2", TypeError, "int"),
         ("nbits_per_codebook", True, TypeError, "int"),
         ("dtype", torch.int8, ValueError, "floating"),
+        ("dtype", torch.float8_e4m3fn, ValueError, "float16, bfloat16, float32, float64"),
         ("dtype", "float17", ValueError, "float16"),
         ("dtype", 16, TypeError, "torch.dtype"),
         ("skip", 3, TypeError, "skip"),
@@ -146,3 +147,9 @@ def test_with_skip_appends() -> None:
     config = AqlmConfig(skip=["a"]).with_skip(["b"])
     assert config.skip == ("a", "b")
     assert config.with_skip(None) is config
+
+
+def test_a_quantization_config_as_a_json_string_is_a_value_error() -> None:
+    block = json.dumps({"quant_method": "aqlm", "num_codebooks": 2, "nbits_per_codebook": 8, "skip": ["x" * 300]})
+    with pytest.raises(ValueError, match="expected a checkpoint directory path, got .*pass a quantization_config dict"):
+        as_config(block)

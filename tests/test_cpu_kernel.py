@@ -394,3 +394,27 @@ def test_plain_torch_fallback_casts_the_bias_to_the_input_dtype() -> None:
     assert out.dtype == torch.float16
     reference = x.double() @ dequantize(codes, codebooks, scales).T + bias.double()
     assert torch.allclose(out.double(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_forward_mode_and_torch_func_transforms_go_through_plain_torch() -> None:
+    from torch.autograd import forward_ad
+
+    layer = _two_by_eight()
+    weight = dequantize(layer.codes, layer.codebooks, layer.scales).float()
+    x, tangent = torch.randn(3, 64), torch.randn(3, 64)
+    with forward_ad.dual_level():
+        out = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, tangent))).tangent
+    assert out is not None and torch.allclose(out, tangent @ weight.T, atol=1e-5)
+    batched = torch.func.vmap(layer)(torch.randn(4, 3, 64))
+    assert batched.shape == (4, 3, 32)
+    grad = torch.func.grad(lambda v: layer(v).sum())(torch.randn(64))
+    assert torch.allclose(grad, weight.sum(0), atol=1e-5)
+
+
+def test_float64_layers_are_exact() -> None:
+    layer = _two_by_eight().double()
+    x = torch.randn(2, 64, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, expected(x, layer.codes, layer.codebooks, layer.scales, layer.bias), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(layer, (x,))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from aqlm_ctx import quantize_weights_, save_checkpoint, summarize
+from aqlm_ctx import quantize_weights_, replace_linear_layers, save_checkpoint, summarize
 from aqlm_ctx.cli import inspect_checkpoint
 from aqlm_ctx.config import AqlmConfig
 from aqlm_ctx.encoding import EncodedLinear, encode_linear, quantized_bits_per_weight
@@ -270,3 +270,13 @@ def test_bits_per_weight_counts_codes_at_their_storage_width(name: str, tmp_path
     assert summarize(model).bits_per_weight == pytest.approx(expected)
     save_checkpoint(model, tmp_path)
     assert inspect_checkpoint(tmp_path)["bits_per_weight"] == pytest.approx(expected)
+
+
+def test_layers_that_share_codes_count_once_in_the_summary() -> None:
+    model = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False))
+    model[1].weight = model[0].weight
+    replace_linear_layers(model, AqlmConfig(num_codebooks=2, nbits_per_codebook=8))
+    assert model[0].codes is model[1].codes
+    summary = summarize(model)
+    assert summary.quantized_layers == 2 and summary.quantized_weights == summary.parameters == 256
+    assert summary.dense_bytes == 256 * 2

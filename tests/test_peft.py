@@ -8,6 +8,7 @@ class, and a backward pass reaches the adapters only.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,10 @@ def test_lora_backward_reaches_the_adapters_when_inputs_need_no_grad() -> None:
     with_grad = {name for name, p in peft_model.named_parameters() if p.grad is not None}
     assert with_grad == {name for name, _ in peft_model.named_parameters() if ".lora_" in name}
     assert len(with_grad) == 2
+
+
+def test_saving_a_model_with_adapters_is_refused(tmp_path: Path) -> None:
+    peft_model, _, _, _ = inject("llama")
+    with pytest.raises(ValueError, match=r"wraps a quantized layer in an adapter \(peft\).*unload\(\)"):
+        aqlm_ctx.save_checkpoint(peft_model.base_model.model, tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,3 +261,27 @@ def test_square_codes_under_aqlm_generic_kernel_are_an_error(tmp_path: Path) -> 
     with pytest.raises(ValueError, match=r"cannot tell the layout of proj\.codes \[32, 32, 2\]"):
         save_checkpoint(model, tmp_path)
     assert listing(tmp_path) == []
+
+
+class Scaled(nn.Module):
+    """A module with a weight of its own that also holds a linear layer; the root has a weight too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(16))
+        self.block = nn.Module()
+        self.block.weight = nn.Parameter(torch.ones(16))
+        self.block.fc = nn.Linear(16, 16)
+
+
+def test_skip_list_names_no_module_that_holds_quantized_layers(tmp_path: Path) -> None:
+    with aqlm_quantized(CONFIG):
+        model = Scaled()
+    aqlm_ctx.load_tensors(model, random_tensors(model))
+    save_checkpoint(model, tmp_path)
+    skip = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["linear_weights_not_to_quantize"]
+    assert skip == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = aqlm_ctx.from_pretrained(tmp_path, model_fn=Scaled)
+    assert type(loaded.block.fc) is QuantizedLinear and torch.equal(loaded.block.weight, model.block.weight)

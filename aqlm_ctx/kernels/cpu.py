@@ -186,8 +186,9 @@ if numba is not None:
 def supports(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
     """Whether :func:`matmul` handles this layer on CPU.
 
-    True for CPU tensors with floating-point input and codebooks, ``out_group_size == 1``, a power-of-two codebook
-    size that the codes' integer type can hold, and numba importable.
+    True for CPU tensors with floating-point input (not float64: these kernels compute in float32) and codebooks,
+    ``out_group_size == 1``, a power-of-two codebook size that the codes' integer type can hold, and numba
+    importable.
 
     Args:
         input: ``[..., in_features]``.
@@ -197,6 +198,8 @@ def supports(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) 
     if input.device.type != "cpu" or codes.device.type != "cpu" or codebooks.device.type != "cpu":
         return False
     if not (input.is_floating_point() and codebooks.is_floating_point()) or codes.dim() != 3:
+        return False
+    if input.dtype == torch.float64:  # these kernels compute in float32; plain torch keeps float64 exact
         return False
     if codebooks.dim() != 4 or codebooks.shape[2] != 1:
         return False

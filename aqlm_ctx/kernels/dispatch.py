@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from .reference import dequantize_weight, reference_matmul
 
@@ -149,7 +150,8 @@ def aqlm_matmul(
 
     Codes are always in the checkpoint layout ``[out_groups, in_groups, num_codebooks]`` and are never modified.
     Gradients: to the input and bias through the fast forward kernel and a dequantized backward; to codebooks or
-    scales (when they require grad) through the plain-torch path, so every gradient is exact.
+    scales (when they require grad), forward-mode tangents and ``torch.func`` transforms through the plain-torch
+    path, so every derivative is exact.
     """
     if codes.is_meta and not input.is_meta:
         raise RuntimeError(
@@ -159,6 +161,8 @@ def aqlm_matmul(
         )
     if input.is_meta:
         return _meta_matmul(input, codes, codebooks)
+    if _transformed(input):
+        return reference_matmul(input, codes, codebooks, scales, bias)
     if not torch.is_grad_enabled():
         return _forward_kernel(input, codes, codebooks, scales, bias)
     if codebooks.requires_grad or scales.requires_grad:
@@ -166,6 +170,16 @@ def aqlm_matmul(
     if input.requires_grad or (bias is not None and bias.requires_grad):
         return _MatmulWithInputGrad.apply(input, codes, codebooks, scales, bias)
     return _forward_kernel(input, codes, codebooks, scales, bias)
+
+
+def _transformed(input: torch.Tensor) -> bool:
+    """Whether ``input`` carries a forward-mode tangent or is inside a ``torch.func`` transform (vmap, grad, jvp):
+    plain torch propagates those, the kernels (and their autograd function) do not."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(input):
+        return True
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(input).tangent is not None
 
 
 class AqlmMatmul:
