@@ -292,6 +292,7 @@ def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
 
 
 @torch.compiler.disable  # numba compiles on a kernel's first call: torch.compile runs this eagerly (a graph break)
+@torch.autocast("cpu", enabled=False)  # the lookup tables go to numba as float32 arrays
 def matmul(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -319,17 +320,6 @@ def matmul(
     """
     if numba is None:
         raise RuntimeError("aqlm_ctx's CPU kernels need numba (pip install numba)")
-    with torch.autocast("cpu", enabled=False):  # the lookup tables go to numba as float32 arrays
-        return _matmul_float32(input, codes, codebooks, scales, bias)
-
-
-def _matmul_float32(
-    input: torch.Tensor,
-    codes: torch.Tensor,
-    codebooks: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
     num_codebooks, codebook_size, _, in_group_size = codebooks.shape
     out_features, in_groups = codes.shape[0], codes.shape[1]
     lead = input.shape[:-1]
