@@ -48,6 +48,12 @@ def make_checkpoint(fmt: str) -> Path:
         model = LlamaForCausalLM(LlamaConfig(**TINYLLAMA))
     load_tensors(model, random_tensors(model), dtype=torch.float16)
     save_checkpoint(model, directory)
+    # The hub's form of the skip list: parameter names only (save_checkpoint also writes module names, which
+    # transformers 5 matches; hub checkpoints do not have them, and make_module_skip_variant adds them).
+    config = json.loads((directory / "config.json").read_text())
+    skip = config["quantization_config"]["linear_weights_not_to_quantize"]
+    config["quantization_config"]["linear_weights_not_to_quantize"] = [n for n in skip if n.endswith(".weight")]
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 
 
