@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -95,7 +96,8 @@ def _read_index(index: Path) -> dict[str, Path]:
 
 
 def _check_index(index: Path, weight_map: Mapping[str, Path], keys: Mapping[Path, list[str]]) -> None:
-    """Every tensor the index lists is in its shard, and every tensor of a shard is listed."""
+    """Every tensor the index lists is in its shard (else ValueError); tensors of a shard that it does not list are
+    not read, with a warning (transformers tolerates them too; a model that needs one reports it missing)."""
     held = {file: set(names) for file, names in keys.items()}
     for name, file in weight_map.items():
         if name not in held[file]:
@@ -105,9 +107,11 @@ def _check_index(index: Path, weight_map: Mapping[str, Path], keys: Mapping[Path
     for file, names in keys.items():
         unlisted = [name for name in names if name not in weight_map]
         if unlisted:
-            raise ValueError(
+            warnings.warn(
                 f"{index} does not list {len(unlisted)} tensor(s) that {file.name} holds, e.g. {unlisted[0]}; "
-                "the index must name every tensor of its shards"
+                "they are not read",
+                UserWarning,
+                stacklevel=3,
             )
 
 
@@ -129,7 +133,7 @@ def find_checkpoint_files(path: str | os.PathLike[str], *, allow_pickle: bool = 
         FileNotFoundError: ``path`` is not a directory, it holds no weight files (the message lists what it holds),
             or its shard index lists shard files that do not exist.
         ValueError: only pickle files exist and ``allow_pickle`` is false; a file or index is corrupt; the shard
-            index maps a tensor to a shard that does not hold it, or leaves out a tensor that a shard holds.
+            index maps a tensor to a shard that does not hold it (a tensor it leaves out is a warning).
     """
     directory = Path(path)
     if not directory.is_dir():
