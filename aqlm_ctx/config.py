@@ -279,7 +279,9 @@ def as_config(config: ConfigLike | None) -> AqlmConfig:
 
     Args:
         config: an ``AqlmConfig``; a hub ``quantization_config`` dict; a checkpoint directory or ``config.json``
-            path; a ``transformers.AqlmConfig``; or ``None`` for the defaults (1x16 g8).
+            path; a ``transformers.AqlmConfig`` or any object with its four format attributes (``in_group_size``,
+            ``out_group_size``, ``num_codebooks``, ``nbits_per_codebook``; the seed's integration reads only
+            these); or ``None`` for the defaults (1x16 g8).
 
     Raises:
         TypeError: ``config`` is none of these.
@@ -302,7 +304,7 @@ def as_config(config: ConfigLike | None) -> AqlmConfig:
                 f"expected a checkpoint directory path, got {shown!r}, which cannot be read as one ({error.strerror}); "
                 "pass a quantization_config dict as a dict, not as a JSON string"
             ) from error
-    if type(config).__name__ == "AqlmConfig" and all(hasattr(config, name) for name in _FORMAT_FIELDS):
+    if all(hasattr(config, name) for name in _FORMAT_FIELDS):
         return AqlmConfig.from_transformers(config)
     raise TypeError(
         "expected an AqlmConfig, a quantization_config dict, a checkpoint path or a transformers.AqlmConfig, "

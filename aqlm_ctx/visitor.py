@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -108,9 +107,10 @@ def _replace(
     swapped = _substitute(model)
     targets, problems = select_linear_layers(model, aqlm_config, "replace_linear_layers", prefix)
     selected = {id(module) for _, module in targets}
+    swaps = _swaps(swapped)
     unfillable = [
         f"{type(original).__name__} at {_path_of(model, replacement, prefix)}"
-        for _, _, original, replacement in _swaps(swapped)
+        for _, _, original, replacement in swaps
         if _has_real_tensors(original)
         and substitution_for(original).fill is None  # type: ignore[union-attr]
         and any(type(m) is nn.Linear and id(m) not in selected for m in replacement.modules())
@@ -146,7 +146,7 @@ def _replace(
         (module, template) for (_, module), template in zip(targets, templates, strict=True)
     )
     try:
-        for _, _, original, replacement in _swaps(swapped):
+        for _, _, original, replacement in swaps:
             fill = substitution_for(original).fill  # type: ignore[union-attr]
             if fill is not None and _has_real_tensors(original):
                 fill(original, replacement)  # layers that stay dense get the original's weights
@@ -209,14 +209,13 @@ def replace_with_aqlm_linear(
 
     The seed's signature and ``(model, has_been_replaced)`` return, and transformers 5's ``modules_to_not_convert``
     keyword; skip names follow aqlm_ctx's semantics, so both the hub's ``"lm_head.weight"`` and ``"lm_head"`` keep
-    lm_head dense. As in the seed, the layers under ``model`` are converted, not ``model`` itself, and the config may
-    be any object with ``in_group_size``, ``out_group_size``, ``num_codebooks`` and ``nbits_per_codebook``. Converted
-    layers get ``source_cls`` as before.
+    lm_head dense. As in the seed, the layers under ``model`` are converted, not ``model`` itself. Converted layers get
+    ``source_cls`` as before.
 
     Args:
         model: the model to convert in place.
-        quantization_config: anything :func:`aqlm_ctx.as_config` accepts (``transformers.AqlmConfig`` included), or
-            an object with the four format attributes.
+        quantization_config: anything :func:`aqlm_ctx.as_config` accepts (``transformers.AqlmConfig``, or any
+            object with its four format attributes, as the seed reads them).
         linear_weights_not_to_quantize: skip patterns (parameter or module names).
         current_key_name: path of ``model`` inside a larger model; patterns are matched on the full path.
         has_been_replaced: carried into the result (``or``-ed with whether this call converted a layer).
@@ -227,14 +226,9 @@ def replace_with_aqlm_linear(
     """
     if type(model) is nn.Linear:  # the seed walks the children of ``model``
         return model, has_been_replaced
-    config = quantization_config
-    if not isinstance(config, (AqlmConfig, Mapping, str, os.PathLike)) and all(
-        hasattr(config, name) for name in ("in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook")
-    ):
-        config = AqlmConfig.from_transformers(config)  # the seed reads only these attributes
     skip = [*(linear_weights_not_to_quantize or []), *(modules_to_not_convert or [])]
     prefix = ".".join(current_key_name or [])
-    replaced = _replace(model, config, skip, prefix)
+    replaced = _replace(model, quantization_config, skip, prefix)
     for module in replaced:
         setattr(module, "source_cls", nn.Linear)  # noqa: B010 - seed compatibility; not a Module attribute
     return model, has_been_replaced or bool(replaced)
