@@ -245,14 +245,13 @@ class _Block:
             )
         # A layer whose weight was tied to another built layer's (stand-in) weight shares that layer's parameters.
         placeholders = {id(layer.placeholder): layer for layer in self.layers if layer.placeholder is not None}
-        stand_ins = {id(layer.placeholder): layer.placeholder for layer in self.layers if layer.placeholder is not None}
         skipped_ids = {id(layer.module) for layer, _, skipped in decided if skipped}
         tied_to = {
             id(layer.module): owner
             for layer, _, _ in decided
             if (owner := placeholders.get(id(layer.module._parameters.get("weight")))) not in (None, layer)
         }
-        dense_weights: dict[int, nn.Parameter] = {}  # stand-in id -> the dense weight of its skipped layer
+        dense_weights: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (stand-in, its skipped layer's weight)
         for layer, path, skipped in decided:
             stand_in = layer.placeholder
             placeholder = layer.drop_placeholder()
@@ -263,7 +262,7 @@ class _Block:
                     requires_grad = placeholder is None or placeholder.requires_grad
                     make_dense_in_place(layer.module, layer.device, dtype, requires_grad, keep_bias=tied_bias)
                     if stand_in is not None:
-                        dense_weights[id(stand_in)] = layer.module._parameters["weight"]
+                        dense_weights[id(stand_in)] = (stand_in, layer.module._parameters["weight"])
                 continue
             owner = tied_to.get(id(layer.module))
             if owner is not None and id(owner.module) not in skipped_ids:
@@ -284,8 +283,9 @@ class _Block:
         if dense_weights:  # other modules holding a skipped layer's stand-in (nanoGPT's wte.weight = lm_head.weight)
             for module in {id(m): m for root in roots for m in root.modules()}.values():
                 for name, param in module._parameters.items():
-                    if param is not None and param is stand_ins.get(id(param)) and id(param) in dense_weights:
-                        module._parameters[name] = dense_weights[id(param)]
+                    stand_in, weight = dense_weights.get(id(param), (None, None))
+                    if param is not None and param is stand_in:
+                        module._parameters[name] = weight
         matcher.warn_unused(used, "aqlm_quantized")
         quantized = sum(not skipped for _, _, skipped in decided)
         logger.info(
