@@ -169,6 +169,11 @@ def _infer_device_map(
     return dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype))
 
 
+def _converted(slot: _Slot, value: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """``value`` on ``device``; a floating one in ``dtype``, else the skeleton's dtype."""
+    return value.to(device, dtype or slot.tensor.dtype) if value.is_floating_point() else value.to(device)
+
+
 def _assign(slot: _Slot, value: torch.Tensor) -> None:
     new = nn.Parameter(value, requires_grad=slot.tensor.requires_grad) if slot.is_parameter else value
     for module, name in slot.owners:
@@ -278,8 +283,7 @@ def _recompute_by_rebuilding(
         if value is None or value.device.type == "meta":
             still.append(slot)
         else:
-            floating = dtype or slot.tensor.dtype if value.is_floating_point() else value.dtype
-            _assign(slot, value.to(device_of(slot.names[0]), floating))
+            _assign(slot, _converted(slot, value, dtype, device_of(slot.names[0])))
     return still
 
 
@@ -415,10 +419,7 @@ def _load(
         source = sources.get(id(slot))
         if source is None:
             continue
-        value = reader.read(source)
-        if value.is_floating_point():
-            value = value.to(target_dtype or slot.tensor.dtype)
-        _assign(slot, value.to(device_of(slot.names[0])))
+        _assign(slot, _converted(slot, reader.read(source), target_dtype, device_of(slot.names[0])))
 
     unloaded = [s for s in slots if id(s) not in sources and s.tensor.device.type == "meta"]
     _finish(model, unloaded, device_of, rebuild, target_dtype)
