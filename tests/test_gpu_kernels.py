@@ -527,6 +527,27 @@ def test_cuda_decode_1x16_plan() -> None:
         assert plan_1x16(tokens, out_f, groups, 132, clusters=clusters).gather == gather
 
 
+@pytest.mark.parametrize(
+    ("capability", "l2_mib", "expected"),
+    [((9, 0), 50, True), ((9, 0), 60, False), ((8, 0), 40, False)],  # H100, H200, A100
+)
+def test_cuda_decode_1x16_clusters_only_where_l2_is_small(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], l2_mib: int, expected: bool
+) -> None:
+    """The cluster's codebook copies are planned on sm_90+ GPUs with at most 50 MiB of L2 (measured: they pay on an
+    H100 and lose on an H200, whose larger L2 serves the gathers faster)."""
+    from types import SimpleNamespace
+
+    from aqlm_ctx.kernels import cuda_kernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    properties = SimpleNamespace(L2_cache_size=l2_mib << 20)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: properties)
+    assert cuda_kernels._clusters.__wrapped__(0) == (capability >= (9, 0))
+    monkeypatch.setattr(cuda_kernels, "_clusters", cuda_kernels._clusters.__wrapped__)
+    assert cuda_kernels._clusters_1x16.__wrapped__(0) is expected
+
+
 def test_cuda_decode_1x16_declines_cpu_tensors() -> None:
     from aqlm_ctx.kernels import cuda_kernels
 
@@ -610,8 +631,8 @@ def test_cuda_decode_1x16_declines_what_it_does_not_cover() -> None:
 
 
 @requires_cuda
-def test_cuda_decode_1x16_one_token_only_where_it_clusters() -> None:
-    """At 1 token the 1x16 kernel takes the layers where it clusters (sm_90+, large); the rest go to aqlm's matvec."""
+def test_cuda_decode_1x16_one_token_only_on_large_layers() -> None:
+    """At 1 token the 1x16 kernel takes the large layers (sm_90+); the rest go to aqlm's matvec."""
     from aqlm_ctx.kernels import cuda_kernels
     from aqlm_ctx.kernels.dispatch import aqlm_matmul
 

@@ -127,23 +127,28 @@ DEQUANTIZED_TOKEN_RANGES: dict[tuple[int, int], tuple[int, int]] = {
 }
 
 # 1x16 decode kernel. Inclusive token range where it is used (BENCHMARKS.md, "1x16 decode (CUDA)", H100): from 2
-# tokens on it was faster than stock and Triton everywhere. At 1 token it takes only the layers where it clusters
-# (sm_90+, at least CLUSTER_1X16_MIN_GROUPS codes: 8192x28672 204 vs 272 us for stock); on smaller layers both it
-# and stock's one-warp-per-row matvec are bound by the L2 gathers and came out even or stock ahead (4096x11008
-# 54.7 vs 51.2 us, 6144x4096 34.1 vs 31.4 us), so the dispatcher gives them to stock. supports_1x16() declines
-# outside that.
+# tokens on it was faster than stock and Triton everywhere. At 1 token it takes only the large layers (sm_90+, at
+# least CLUSTER_1X16_MIN_GROUPS codes: 8192x28672 204 vs 272 us for stock on an H100, 202 vs 232 on an H200); on
+# smaller layers both it and stock's one-warp-per-row matvec are bound by the L2 gathers and came out even or stock
+# ahead on the H100 (4096x11008 54.7 vs 51.2 us, 6144x4096 34.1 vs 31.4 us), so the dispatcher gives them to stock.
+# supports_1x16() declines outside that.
 DECODE_1X16_TOKEN_RANGE = (2, 32)
 # How it reads codebook entries (Gather1x16 in csrc/aqlm_decode.h): through L1, from L2 only, the first entries from
 # a copy in shared memory (as many as fit) and the rest from L2, or (sm_90+) the first 2 x ~14 K entries from the
 # shared memory of a two-CTA cluster and the rest through L1. The first three ran at about the same rate on an H100
 # (within 2-5%, L1 best or close to best); the cluster's copies take ~40% of the reads off L2 and made 1-4 tokens on
-# layers of at least CLUSTER_1X16_MIN_GROUPS codes 6-16% faster (8192x28672 at 1 token 235 -> 203 us), but their
-# staging costs a few us and they lost on smaller layers and from 8 tokens on (BENCHMARKS.md, "1x16 decode").
+# layers of at least CLUSTER_1X16_MIN_GROUPS codes 6-16% faster there (8192x28672 at 1 token 235 -> 203 us), but
+# their staging costs a few us and they lost on smaller layers and from 8 tokens on (BENCHMARKS.md, "1x16 decode").
+# They pay only where L2 is the tighter bound: on an H200 (60 MiB of L2 against the H100's 50, so more L2 slices) the
+# L1 gathers alone ran 13-15% faster than on the H100 and the cluster lost or tied (28672x8192 at 1 token 213 vs
+# 232 us, 8192x28672 202 vs 201; BENCHMARKS.md, eleventh session), so clusters are planned only up to
+# CLUSTER_1X16_MAX_L2_BYTES of L2.
 GATHER_L1, GATHER_L2, GATHER_SHARED, GATHER_CLUSTER = 0, 1, 2, 3
 GATHER_1X16 = GATHER_L1  # the planner's default, except where it clusters
 CLUSTER_1X16 = 2  # kCluster1x16 in csrc/aqlm_decode.h: CTAs per cluster with GATHER_CLUSTER
 CLUSTER_1X16_TOKENS = 4
 CLUSTER_1X16_MIN_GROUPS = 1 << 24
+CLUSTER_1X16_MAX_L2_BYTES = 50 << 20
 WARPS_1X16 = 8  # warps per CTA (16 output rows each) unless a shared-memory cache (16 warps, one CTA per SM)
 MAX_WARPS_1X16 = 16  # kMaxWarps1x16 in csrc/aqlm_decode.h
 X_WINDOW_BYTES_1X16 = 16 * 1024  # shared memory for x per CTA (8 KiB with a cache, where the rest is codebook)
@@ -210,8 +215,16 @@ def _hopper(index: int) -> bool:
 
 @functools.cache
 def _clusters(index: int) -> bool:
-    """Whether this GPU runs thread-block clusters (sm_90+): split-K sums in a cluster, and 1x16's GATHER_CLUSTER."""
+    """Whether this GPU runs thread-block clusters (sm_90+): split-K sums in a cluster (1x16's GATHER_CLUSTER:
+    :func:`_clusters_1x16`)."""
     return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+@functools.cache
+def _clusters_1x16(index: int) -> bool:
+    """Whether the 1x16 kernel may read from a cluster's shared-memory codebook copies here: sm_90+ with at most
+    :data:`CLUSTER_1X16_MAX_L2_BYTES` of L2 (with more, L2 serves the gathers faster than the copies)."""
+    return _clusters(index) and torch.cuda.get_device_properties(index).L2_cache_size <= CLUSTER_1X16_MAX_L2_BYTES
 
 
 @functools.cache
@@ -299,8 +312,8 @@ def supports_1x16(
 ) -> bool:
     """Whether :func:`matmul_1x16` should handle this call: a 1x16 layer (one codebook of 65536 entries, int16 codes,
     in_group_size 8, out_group_size 1) covered as in :func:`supports`, in_features a multiple of 64 (code rows of a
-    multiple of 16 bytes), a token count in :data:`DECODE_1X16_TOKEN_RANGE` or one token on a layer where the kernel
-    clusters (sm_90+, at least :data:`CLUSTER_1X16_MIN_GROUPS` codes), and an extension that builds.
+    multiple of 16 bytes), a token count in :data:`DECODE_1X16_TOKEN_RANGE` or one token on a large layer (sm_90+, at
+    least :data:`CLUSTER_1X16_MIN_GROUPS` codes), and an extension that builds.
 
     Example:
         >>> supports_1x16(x, layer.codes, layer.codebooks, layer.scales, layer.bias)  # doctest: +SKIP
@@ -313,8 +326,8 @@ def supports_1x16(
         return False
     tokens = _tokens(input)
     low, high = DECODE_1X16_TOKEN_RANGE
-    clustered = tokens == 1 and _clusters(_index(input.device)) and _large_1x16(codes.shape[0], codes.shape[1])
-    return (low <= tokens <= high or clustered) and not _build_failed(input.device)
+    large = tokens == 1 and _clusters(_index(input.device)) and _large_1x16(codes.shape[0], codes.shape[1])
+    return (low <= tokens <= high or large) and not _build_failed(input.device)
 
 
 def supports_prefill(
@@ -535,7 +548,8 @@ class Plan1x16(NamedTuple):
 
 
 def _large_1x16(out_features: int, groups: int) -> bool:
-    """Whether a 1x16 layer has enough codes for a cluster's codebook copies to pay: :data:`CLUSTER_1X16_MIN_GROUPS`."""
+    """Whether a 1x16 layer is large (:data:`CLUSTER_1X16_MIN_GROUPS` codes or more): our kernel takes it at one token
+    (sm_90+), and a cluster's codebook copies pay there (:func:`_clusters_1x16`)."""
     return out_features * groups >= CLUSTER_1X16_MIN_GROUPS
 
 
@@ -648,7 +662,7 @@ def launch_1x16(
     def run(module: ModuleType, x: torch.Tensor, *layer: torch.Tensor | None) -> torch.Tensor:
         index = _index(x.device)
         out_features, groups, _ = codes.shape
-        sm_count, shared, clusters = _sm_count(index), _shared_memory(index), _clusters(index)
+        sm_count, shared, clusters = _sm_count(index), _shared_memory(index), _clusters_1x16(index)
         p = plan_1x16(x.shape[0], out_features, groups, sm_count, splits, gather, warps, *shared, max_entries, clusters)
         return module.decode_1x16(
             x,
