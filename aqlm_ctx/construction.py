@@ -7,9 +7,9 @@ How it works, and why it is safe inside someone else's program:
   when the calling thread or asyncio task has a block open (a :class:`contextvars.ContextVar`); everyone else gets
   the original. When the last block closes, the original function object is put back (``vars(nn.Linear)`` holds
   the very same objects as before).
-* Other tensors built inside the block go to the meta device through a per-thread ``TorchFunctionMode`` that,
-  like ``torch.device("meta")``, fills in ``device`` only where the caller passed none, and only for the
-  context (thread or task) that opened the block.
+* Other tensors built inside the block go to the meta device through a ``TorchFunctionMode`` that each block
+  pushes on its thread's stack and that, like ``torch.device("meta")``, fills in ``device`` only where the caller
+  passed none, and only for the context (thread or task) that opened the block, while the block is open.
 * Module paths do not exist while a layer is built, so skip patterns are applied when the block ends: the block
   records where each module it built was attached (``register_module_module_registration_hook``), walks each
   resulting model from its root and turns skipped layers back into dense ``nn.Linear`` on meta, in place. A
@@ -90,6 +90,8 @@ class _Block:
 
     owner: aqlm_quantized
     thread: int = field(default_factory=threading.get_ident)
+    open: bool = True
+    mode: _MetaByDefault | None = None
     layers: list[_BuiltLayer] = field(default_factory=list)
     parents: dict[int, nn.Module] = field(default_factory=dict)
     templates: dict[tuple[int, int, bool, torch.dtype], QuantizedLinear] = field(default_factory=dict)
@@ -111,20 +113,21 @@ class _Block:
         built_on = torch.device(device) if device is not None else torch.empty(0).device
         source = _caller_location()
         layer = _BuiltLayer(module, in_features, out_features, dtype, built_on, source)
-        self.layers.append(layer)
         if check_divisible(in_features, out_features, config, source) is not None:
             # Not storable in these groups: stays a meta Linear; the block's end skips it or says why it cannot.
             original_linear_init(module, in_features, out_features, bias, device=built_on, dtype=dtype)
-            return
-        with torch._C.DisableTorchFunction():  # every tensor below names its device: skip Python modes, for speed
-            self._init_quantized(module, in_features, out_features, bias, config.dtype or dtype)
-            # Until the block ends the layer also has the meta ``weight`` a Linear would have, so model code that
-            # looks for it while building (transformers' tie_weights expands tied names against named_parameters(),
-            # a model freezes a sub-module with requires_grad = False) sees a Linear. Removed by _close.
-            layer.placeholder = nn.Parameter(torch.empty(out_features, in_features, device="meta", dtype=dtype))
-            module._parameters["weight"] = layer.placeholder
-            layer.own_bias = module._parameters["bias"]
-        install_kernels(module)
+        else:
+            with torch._C.DisableTorchFunction():  # every tensor below names its device: skip Python modes (speed)
+                self._init_quantized(module, in_features, out_features, bias, config.dtype or dtype)
+                # Until the block ends the layer also has the meta ``weight`` a Linear would have, so model code
+                # that looks for it while building (transformers' tie_weights expands tied names against
+                # named_parameters(), a model freezes a sub-module with requires_grad = False) sees a Linear.
+                # Removed by _close.
+                layer.placeholder = nn.Parameter(torch.empty(out_features, in_features, device="meta", dtype=dtype))
+                module._parameters["weight"] = layer.placeholder
+                layer.own_bias = module._parameters["bias"]
+            install_kernels(module)
+        self.layers.append(layer)  # only once built: a construction that raised (and was caught) is no layer
 
     def _init_quantized(
         self, module: nn.Module, in_features: int, out_features: int, bias: bool, dtype: torch.dtype
@@ -323,11 +326,17 @@ _BLOCKS: contextvars.ContextVar[tuple[_Block, ...]] = contextvars.ContextVar("aq
 
 
 def _innermost_block() -> _Block | None:
-    """The innermost block open in this context, if this thread opened it (``asyncio.to_thread`` and executors that
-    copy the context carry the blocks into other threads, where the meta-device mode is not on: those build
-    ordinary modules)."""
-    blocks = _BLOCKS.get()
-    return blocks[-1] if blocks and blocks[-1].thread == threading.get_ident() else None
+    """The innermost block of this context that is still open, if this thread opened it.
+
+    A context copied inside a block (``contextvars.copy_context()``, an asyncio task started there) keeps the block
+    in its tuple after the block ends: ended blocks are passed over. ``asyncio.to_thread`` and executors that copy
+    the context carry the blocks into other threads, where the meta-device mode is not on: those build ordinary
+    modules.
+    """
+    for block in reversed(_BLOCKS.get()):
+        if block.open:
+            return block if block.thread == threading.get_ident() else None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,33 +359,23 @@ class _MetaByDefault(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _ThreadModes(threading.local):
-    def __init__(self) -> None:
-        self.mode: _MetaByDefault | None = None
-        self.depth = 0
+def _push_mode() -> _MetaByDefault:
+    """A new meta-device mode on top of this thread's torch function stack: each block pushes its own, so that, as
+    with ``torch.device`` modes, the innermost of a block and a ``with torch.device(...)`` around it decides."""
+    mode = _MetaByDefault()
+    mode.__enter__()
+    return mode
 
 
-_thread_modes = _ThreadModes()
-
-
-def _push_thread_mode() -> None:
-    if _thread_modes.depth == 0:
-        _thread_modes.mode = _MetaByDefault()
-        _thread_modes.mode.__enter__()
-    _thread_modes.depth += 1
-
-
-def _pop_thread_mode() -> None:
-    _thread_modes.depth -= 1
-    if _thread_modes.depth:
-        return
-    mode, _thread_modes.mode = _thread_modes.mode, None
+def _remove_mode(mode: _MetaByDefault) -> None:
+    """Take ``mode`` off this thread's torch function stack, leaving the modes above it in place (another task of
+    this thread may have pushed one after it and still be inside it)."""
     above: list[Any] = []
     while torch._C._len_torch_function_stack() > 0:
         top = torch._C._pop_torch_function_stack()
         if top is mode:
             break
-        above.append(top)  # a mode pushed after ours by another task of this thread and still open
+        above.append(top)
     for other in reversed(above):
         torch._C._push_on_torch_function_stack(other)
 
@@ -479,10 +478,12 @@ class aqlm_quantized:
     A ``copy.deepcopy`` of a layer made inside the block counts as built there once it is attached to a model of the
     block (``nn.TransformerEncoder``'s clones); copy a whole model after the block ends.
 
-    Scope: only the thread or asyncio task that entered the block is affected; others building models at the
-    same time get ordinary layers. Blocks nest (the inner config applies to what is built inside it, and each
-    block applies its own skips); the same object may be entered again while open. If the block ends with an
-    exception, layers are left as built and no skips are applied.
+    Scope: only the thread or asyncio task that entered the block, and asyncio tasks it starts inside the block, are
+    affected, and only while the block is open; others building models at the same time get ordinary layers, and
+    so does a task or copied context that outlives the block. Blocks nest (the inner config applies to what is built
+    inside it, and each block applies its own skips; the innermost of blocks and ``torch.device`` contexts decides
+    where other tensors go); the same object may be entered again while open. If the block ends with an exception,
+    layers are left as built and no skips are applied.
 
     Args:
         config: anything :func:`aqlm_ctx.as_config` accepts; its ``skip`` patterns apply.
@@ -530,7 +531,7 @@ class aqlm_quantized:
         block = _Block(self)
         _patches.acquire()
         try:
-            _push_thread_mode()
+            block.mode = _push_mode()
         except BaseException:
             _patches.release()
             raise
@@ -546,9 +547,10 @@ class aqlm_quantized:
                 f"exiting {self!r}, but the innermost open block is {innermost}"
             )
         block = blocks[-1]
+        block.open = False
         _BLOCKS.set(blocks[:-1])
         try:
-            _pop_thread_mode()
+            _remove_mode(cast(_MetaByDefault, block.mode))
         finally:
             _patches.release()
         try:

@@ -151,7 +151,7 @@ def test_failure_while_opening_the_block_restores(before: State, monkeypatch: py
     def broken() -> None:
         raise Boom("no mode")
 
-    monkeypatch.setattr(aqlm_ctx.construction, "_push_thread_mode", broken)
+    monkeypatch.setattr(aqlm_ctx.construction, "_push_mode", broken)
     with pytest.raises(Boom, match="no mode"), aqlm_quantized(CONFIG):
         pass  # pragma: no cover - never entered
     monkeypatch.undo()
@@ -464,3 +464,48 @@ def test_a_failing_fill_leaves_the_visited_model_untouched(monkeypatch: pytest.M
         replace_linear_layers(model, CONFIG, skip=["0.a"])
     assert_untouched(model, state)
     assert type(model[0]) is Fused and type(model[1]) is nn.Linear
+
+
+def test_a_caught_construction_error_inside_the_block_is_no_layer(before: State) -> None:
+    """Model code that catches a failed ``nn.Linear(...)`` and builds something else: the block ends normally."""
+
+    class Fallback(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(16, 16)
+            try:
+                self.second: nn.Module = nn.Linear(16, -8)
+            except RuntimeError:
+                self.second = nn.Identity()
+            self.head = nn.Linear(16, 16)
+
+    with aqlm_quantized(CONFIG, skip=["head"]):
+        model = Fallback()
+    assert [type(child) for child in model.children()] == [QuantizedLinear, nn.Identity, nn.Linear]
+    assert_restored(before)
+
+
+def test_visitor_failing_after_the_moe_substitution_leaves_the_experts() -> None:
+    """A skip callable that raises once the fused experts were substituted: they are put back, real weights and all."""
+    transformers = pytest.importorskip("transformers")
+    from .test_moe import tiny_mixtral
+
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(tiny_mixtral()).eval()
+    before = snapshot()  # transformers adds nn.Module.smart_apply when its first model is built
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        reference = model(ids).logits
+    experts = {name: module for name, module in model.named_modules() if name.endswith("mlp.experts")}
+
+    def fails_on(path: str, module: nn.Module) -> bool:
+        if path.endswith("layers.1.self_attn.q_proj"):
+            raise Boom("cannot decide")
+        return False
+
+    with pytest.raises(Boom):
+        replace_linear_layers(model, CONFIG, skip=[fails_on])
+    assert {name: module for name, module in model.named_modules() if name.endswith("mlp.experts")} == experts
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference)
+    assert_restored(before)

@@ -8,6 +8,7 @@ between submodules (``time.sleep(0)`` for threads, ``await asyncio.sleep(0)`` fo
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sys
 import threading
 import time
@@ -272,3 +273,63 @@ def test_asyncio_nested_blocks_in_tasks_interleave(references: Any) -> None:
         assert check_model(second, (index + 1) % len(RECIPES), index % 6, references) is None
         assert check_model(plain, None, index % 6, references) is None
     assert_restored(before)
+
+
+def test_a_context_copied_inside_a_block_is_ordinary_once_the_block_ends() -> None:
+    """``contextvars.copy_context()`` (what a task started in the block keeps) does not carry an ended block, even
+    while another thread holds one (the process-wide patch is on)."""
+    with aqlm_quantized(AqlmConfig()):
+        copied = contextvars.copy_context()
+        assert type(copied.run(nn.Linear, 16, 16)) is QuantizedLinear  # while the block is open
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_a_block() -> None:
+        with aqlm_quantized(AqlmConfig()):
+            entered.set()
+            release.wait()
+
+    other = threading.Thread(target=hold_a_block)
+    other.start()
+    try:
+        entered.wait()
+        layer = copied.run(lambda: nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16)))
+    finally:
+        release.set()
+        other.join()
+    assert_ordinary(layer)
+
+
+def test_a_task_started_in_a_block_is_ordinary_once_the_block_ends() -> None:
+    async def main() -> tuple[nn.Module, nn.Module]:
+        go = asyncio.Event()
+
+        async def build_later() -> nn.Module:
+            await go.wait()
+            return nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
+
+        with aqlm_quantized(AqlmConfig()):
+            background = asyncio.create_task(build_later())
+            inside = nn.Linear(16, 16)
+        with aqlm_quantized(AqlmConfig()):  # a later block of this task: not the background task's
+            go.set()
+            return inside, await background
+
+    inside, later = asyncio.run(main())
+    assert type(inside) is QuantizedLinear
+    assert_ordinary(later)
+
+
+def test_the_innermost_of_blocks_and_device_contexts_places_tensors() -> None:
+    """As with nested ``torch.device`` contexts, the innermost wins: a block inside ``torch.device("cpu")`` inside
+    another block puts tensors on meta, as it does alone."""
+
+    def library_factory() -> nn.Module:
+        with torch.device("cpu"), aqlm_quantized(AqlmConfig()):
+            return nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
+
+    with aqlm_quantized(AqlmConfig()):
+        nested = library_factory()
+        with torch.device("cpu"):
+            assert torch.empty(1).device.type == "cpu"  # a device context inside the block wins there
+    assert {p.device.type for p in library_factory()[1].parameters()} == {"meta"}
+    assert {p.device.type for p in nested[1].parameters()} == {"meta"}
