@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -105,53 +105,53 @@ def _replace(
         raise TypeError(f"expected a torch.nn.Module to convert, got {type(model).__name__}")
     aqlm_config = as_config(config).with_skip(skip)
     swapped = _substitute(model)
-    targets, problems = select_linear_layers(model, aqlm_config, "replace_linear_layers", prefix)
-    selected = {id(module) for _, module in targets}
-    swaps = _swaps(swapped)
-    unfillable = [
-        f"{type(original).__name__} at {_path_of(model, replacement, prefix)}"
-        for _, _, original, replacement in swaps
-        if _has_real_tensors(original)
-        and substitution_for(original).fill is None  # type: ignore[union-attr]
-        and any(type(m) is nn.Linear and id(m) not in selected for m in replacement.modules())
-    ]
-    if problems or unfillable:
-        for parent, name, original in swapped:
-            parent._modules[name] = original
+    undo: Callable[[], None] | None = None
+    try:  # all or nothing: on any error (a skip callable, KeyboardInterrupt) the model ends untouched
+        targets, problems = select_linear_layers(model, aqlm_config, "replace_linear_layers", prefix)
+        selected = {id(module) for _, module in targets}
+        swaps = _swaps(swapped)
+        unfillable = [
+            f"{type(original).__name__} at {_path_of(model, replacement, prefix)}"
+            for _, _, original, replacement in swaps
+            if _has_real_tensors(original)
+            and substitution_for(original).fill is None  # type: ignore[union-attr]
+            and any(type(m) is nn.Linear and id(m) not in selected for m in replacement.modules())
+        ]
         if problems:
             raise indivisible_layers_error(problems, aqlm_config, "; the model was not changed")
-        raise ValueError(
-            "these substituted modules have real weights and layers that stay dense, but their substitution has no "
-            "fill to give those layers the original weights; convert the model on meta, or skip none of their "
-            f"layers (the model was not changed): {', '.join(unfillable)}"
+        if unfillable:
+            raise ValueError(
+                "these substituted modules have real weights and layers that stay dense, but their substitution has "
+                "no fill to give those layers the original weights; convert the model on meta, or skip none of "
+                f"their layers (the model was not changed): {', '.join(unfillable)}"
+            )
+        # Build every replacement first, then swap.
+        templates = [
+            new_quantized_linear(
+                module.in_features, module.out_features, module.bias is not None, aqlm_config, module.weight.dtype
+            )
+            for _, module in targets
+        ]
+        shared = _shared_parameters(model)
+        first_with_weight: dict[int, nn.Module] = {}
+        for (_, module), template in zip(targets, templates, strict=True):
+            first = first_with_weight.setdefault(id(module.weight), template)
+            if first is not template:  # layers that share one weight share its codes, codebooks and scales
+                for name in ("codebooks", "codes", "scales"):
+                    template._parameters[name] = first._parameters[name]
+            bias = module.bias
+            if bias is not None and id(bias) in shared and bias.dtype == template.bias.dtype:
+                template._parameters["bias"] = bias  # a bias tied to another module (BERT's decoder) stays tied
+        undo = make_all_quantized_in_place(
+            (module, template) for (_, module), template in zip(targets, templates, strict=True)
         )
-    # Build every replacement first, then swap: the model ends fully converted or, on an error, untouched.
-    templates = [
-        new_quantized_linear(
-            module.in_features, module.out_features, module.bias is not None, aqlm_config, module.weight.dtype
-        )
-        for _, module in targets
-    ]
-    shared = _shared_parameters(model)
-    first_with_weight: dict[int, nn.Module] = {}
-    for (_, module), template in zip(targets, templates, strict=True):
-        first = first_with_weight.setdefault(id(module.weight), template)
-        if first is not template:  # layers that share one weight share its codes, codebooks and scales
-            for name in ("codebooks", "codes", "scales"):
-                template._parameters[name] = first._parameters[name]
-        bias = module.bias
-        if bias is not None and id(bias) in shared and bias.dtype == template.bias.dtype:
-            template._parameters["bias"] = bias  # a bias tied to another module (BERT's decoder) stays tied
-    undo = make_all_quantized_in_place(
-        (module, template) for (_, module), template in zip(targets, templates, strict=True)
-    )
-    try:
         for _, _, original, replacement in swaps:
             fill = substitution_for(original).fill  # type: ignore[union-attr]
             if fill is not None and _has_real_tensors(original):
                 fill(original, replacement)  # layers that stay dense get the original's weights
-    except BaseException:  # all or nothing: the layers back, then the substituted modules
-        undo()
+    except BaseException:  # the layers back, then the substituted modules
+        if undo is not None:
+            undo()
         for parent, name, original in swapped:
             parent._modules[name] = original
         raise
