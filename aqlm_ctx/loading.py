@@ -193,26 +193,35 @@ def _recompute_transformers_buffers(
     """Let transformers recompute meta non-persistent buffers (rotary ``inv_freq``, ``position_ids``, ...).
 
     Uses the model's own ``_init_weights`` on the modules that own such buffers, as transformers' loader does.
-    While it runs, those modules' own parameters are swapped for meta stand-ins, so nothing loaded is touched.
-    Returns the slots it did not recompute (left on meta).
+    While it runs, every parameter and every other buffer of those modules and their submodules is swapped for a
+    meta stand-in (CLIP's ``_init_weights`` on its embeddings module also draws the embeddings it holds), so nothing
+    loaded is touched. Returns the slots it did not recompute (left on meta).
     """
     owners = {id(module): module for slot in slots for module, _ in slot.owners}
+    recomputed = {(id(module), name) for slot in slots for module, name in slot.owners}
     placed: dict[int, tuple[torch.Tensor, int]] = {}
     for slot in slots:
         value = torch.empty_like(slot.tensor, device=device_of(slot.names[0]))
         _assign(slot, value)
         placed[id(slot)] = (value, value._version)
     for module in owners.values():
-        loaded = dict(module._parameters)
-        for name, param in loaded.items():
-            if param is not None:
-                module._parameters[name] = nn.Parameter(
-                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
-                )
+        loaded: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+        for submodule in module.modules():
+            for name, param in submodule._parameters.items():
+                if param is not None:
+                    loaded.append((submodule._parameters, name, param))
+                    submodule._parameters[name] = nn.Parameter(
+                        torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                    )
+            for name, buffer in submodule._buffers.items():
+                if buffer is not None and (id(submodule), name) not in recomputed:
+                    loaded.append((submodule._buffers, name, buffer))
+                    submodule._buffers[name] = torch.empty_like(buffer, device="meta")
         try:
             model._init_weights(module)  # type: ignore[operator]
         finally:
-            module._parameters.update(loaded)
+            for container, name, tensor in loaded:
+                container[name] = tensor
     still = []
     for slot in slots:  # written in place (a version bump) or replaced: recomputed; else back to meta
         module, name = slot.owners[0]

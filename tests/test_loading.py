@@ -271,3 +271,33 @@ def test_saving_over_the_checkpoint_a_model_was_loaded_from(tmp_path: Path) -> N
         assert torch.equal(model(TOKENS).logits, before)
         assert torch.equal(from_pretrained(tmp_path)(TOKENS).logits, before)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_recomputing_buffers_leaves_what_was_loaded_in_submodules(tmp_path: Path) -> None:
+    """CLIP's ``_init_weights`` on its embeddings module (owner of the non-persistent ``position_ids``) also draws
+    the token and patch embeddings it holds: reloading must keep the checkpoint's values."""
+    from safetensors.torch import load_file
+
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=32,
+    )
+    with aqlm_quantized(AqlmConfig(num_codebooks=2, nbits_per_codebook=8)):
+        model = transformers.CLIPModel(config)
+    aqlm_ctx.load_tensors(model, random_tensors(model), dtype=torch.float32)
+    save_checkpoint(model, tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    loaded = from_pretrained(tmp_path, dtype=torch.float32)
+    state = loaded.state_dict()
+    assert [name for name, tensor in stored.items() if not torch.equal(state[name], tensor)] == []
+    assert torch.equal(loaded.text_model.embeddings.position_ids, model.text_model.embeddings.position_ids)
