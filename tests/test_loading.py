@@ -301,3 +301,29 @@ def test_recomputing_buffers_leaves_what_was_loaded_in_submodules(tmp_path: Path
     state = loaded.state_dict()
     assert [name for name, tensor in stored.items() if not torch.equal(state[name], tensor)] == []
     assert torch.equal(loaded.text_model.embeddings.position_ids, model.text_model.embeddings.position_ids)
+
+
+def test_bias_entries_of_the_converters_skip_list_keep_their_layers_quantized(tmp_path: Path) -> None:
+    """AQLM's converter lists every parameter but the quantized weights in ``linear_weights_not_to_quantize``, the
+    biases of quantized q/k/v projections (Qwen2) included: those layers stay quantized, their biases load."""
+    qwen2 = transformers.Qwen2Config(**{**tiny_llama_config().to_dict(), "model_type": "qwen2"})
+    with aqlm_quantized(AqlmConfig(num_codebooks=2, nbits_per_codebook=8), skip=["lm_head"]):
+        model = transformers.Qwen2ForCausalLM(qwen2)
+    aqlm_ctx.load_tensors(model, random_tensors(model), dtype=torch.float32)
+    save_checkpoint(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    skip = config["quantization_config"]["linear_weights_not_to_quantize"]
+    biases = [name for name, _ in model.named_parameters() if name.endswith("_proj.bias")]
+    assert biases and isinstance(model.get_submodule(biases[0][: -len(".bias")]), QuantizedLinear)
+    config["quantization_config"]["linear_weights_not_to_quantize"] = [*skip, *biases]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bias entries match their modules: no "matched no module" warning
+        loaded = from_pretrained(tmp_path, dtype=torch.float32)
+    assert all(isinstance(loaded.get_submodule(name[: -len(".bias")]), QuantizedLinear) for name in biases)
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    from aqlm_ctx.cli import inspect_checkpoint
+
+    assert inspect_checkpoint(tmp_path)["skip_unmatched"] == []
