@@ -23,6 +23,7 @@ __all__ = ["save_checkpoint"]
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+_GLOB_CHARACTERS = frozenset("*?[")
 _CONFIG = "config.json"
 _GENERATION_CONFIG = "generation_config.json"
 
@@ -31,9 +32,10 @@ def _parse_size(size: int | str) -> int:
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", str(size).upper())
-    if not match:
+    count = int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
+    if count <= 0:
         raise ValueError(f"max_shard_size must be a positive byte count or a size such as '5GB', got {size!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    return count
 
 
 def _model_format(model: nn.Module) -> AqlmConfig:
@@ -130,16 +132,51 @@ def _skip_list(model: nn.Module) -> list[str]:
     """Every dense weight, by parameter name (transformers 4 matches these) and by module name (transformers 5).
 
     A module that holds quantized layers is left out (its name, in either form, would skip them too), and so is the
-    root's own weight (it has no name); neither is a linear layer, which is what the list keeps dense.
+    root's own weight (it has no name); neither is a linear layer, which is what the list keeps dense. A module
+    whose name, as a dot-aware suffix, would also skip a quantized layer (a dense top-level ``proj`` beside
+    quantized ``blocks.0.proj``) is listed as an exact ``re:`` pattern instead.
     """
+    reached_by_quantized: set[str] = set()  # every dot-suffix of every path of a quantized layer and its parents
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantizedLinear):
+            parts = path.split(".")
+            reached_by_quantized.update(
+                ".".join(parts[start:end]) for end in range(1, len(parts) + 1) for start in range(end)
+            )
     names = []
     for path, module in model.named_modules():
         weight = module._parameters.get("weight")
         if not path or isinstance(module, QuantizedLinear) or not isinstance(weight, torch.Tensor):
             continue
-        if not any(isinstance(inner, QuantizedLinear) for inner in module.modules()):
+        if any(isinstance(inner, QuantizedLinear) for inner in module.modules()):
+            continue
+        if path in reached_by_quantized or _GLOB_CHARACTERS.intersection(path):
+            names.append("re:" + re.escape(path))
+        else:
             names += [f"{path}.weight", path]
     return names
+
+
+def _lossless_dtype(model: nn.Module) -> torch.dtype:
+    """The ``torch_dtype`` to write: the dtype of the model's floating parameters, or where they have several
+    (codebooks in ``AqlmConfig.dtype`` beside dense layers in another), one that holds each of them exactly:
+    float64 if any is, else float32. ``from_pretrained`` loads the whole model in it by default."""
+    dtypes = {param.dtype for param in model.parameters() if param.is_floating_point()}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _untie_quantized_output_embeddings(model: nn.Module, data: dict[str, Any]) -> None:
+    """``tie_word_embeddings: false`` where the output embeddings are quantized (they hold codes, not the input
+    embeddings' weight, so a reader that ties them, as transformers does, would give a quantized layer a weight)."""
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    output = get_output_embeddings() if callable(get_output_embeddings) else None
+    if not isinstance(output, QuantizedLinear):
+        return
+    for config in (data, *(value for value in data.values() if isinstance(value, dict))):
+        if config.get("tie_word_embeddings"):
+            config["tie_word_embeddings"] = False
 
 
 def _checkpoint_weight_files(directory: Path) -> list[Path]:
@@ -176,7 +213,11 @@ def save_checkpoint(
     ``lm_head.weight`` and as ``lm_head``, the forms transformers 4 and 5 match), ``generation_config.json`` for
     models that have one, and the tensors as ``model.safetensors`` or, above ``max_shard_size``, as shards with
     ``model.safetensors.index.json``. Tied parameters are stored once; codes are stored in the checkpoint layout even
-    after CPU inference with aqlm's own kernels. A save followed by a load is bit-exact.
+    after CPU inference with aqlm's own kernels. A save followed by a load is bit-exact. ``torch_dtype`` is the
+    dtype of the model's floating parameters; where they have several (``AqlmConfig.dtype`` codebooks beside
+    dense layers in another dtype) it is one that holds all of them exactly (float32, or float64), and the model
+    loads in it by default: the same values, in one dtype. Quantized output embeddings are written untied
+    (``tie_word_embeddings: false``): they hold codes, not the input embeddings' weight.
 
     Every file is first written to a temporary folder inside ``path`` and then renamed into place, so a save that
     fails while writing (an error in the model's tensors, a full disk) leaves an existing checkpoint as it was; the
@@ -226,14 +267,14 @@ def save_checkpoint(
                 f"{directory} already holds {', '.join(existing)}, which save_checkpoint would replace or remove; "
                 "pass overwrite=True to replace the checkpoint"
             )
-    codebooks = next(layer.codebooks for layer in model.modules() if isinstance(layer, QuantizedLinear))
     hf_config = getattr(model, "config", None)
     data: dict[str, Any] = dict(hf_config.to_dict()) if hf_config is not None and hasattr(hf_config, "to_dict") else {}
     if hf_config is not None and not data.get("architectures"):
         data["architectures"] = [type(model).__name__]
     data.update(model_config or {})
     data.pop("quantization_config", None)
-    data["torch_dtype"] = str(codebooks.dtype).removeprefix("torch.")
+    data["torch_dtype"] = str(_lossless_dtype(model)).removeprefix("torch.")
+    _untie_quantized_output_embeddings(model, data)
     data["quantization_config"] = {
         "quant_method": "aqlm",
         "in_group_size": config.in_group_size,

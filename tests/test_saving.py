@@ -285,3 +285,72 @@ def test_skip_list_names_no_module_that_holds_quantized_layers(tmp_path: Path) -
         warnings.simplefilter("error")
         loaded = aqlm_ctx.from_pretrained(tmp_path, model_fn=Scaled)
     assert type(loaded.block.fc) is QuantizedLinear and torch.equal(loaded.block.weight, model.block.weight)
+
+
+class SameNames(nn.Module):
+    """A dense top-level ``proj`` beside quantized ``blocks.N.proj`` (a suffix "proj" would skip those too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(16, 16)}) for _ in range(2))
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block["proj"](x)
+        return self.proj(x)
+
+
+def test_skip_list_names_a_dense_layer_exactly_where_its_name_ends_quantized_paths(tmp_path: Path) -> None:
+    with aqlm_quantized(CONFIG, skip=["re:proj"]):
+        model = SameNames()
+    assert type(model.proj) is nn.Linear and type(model.blocks[0]["proj"]) is QuantizedLinear
+    aqlm_ctx.load_tensors(model, random_tensors(model))
+    save_checkpoint(model, tmp_path)
+    skip = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["linear_weights_not_to_quantize"]
+    assert skip == ["re:proj"]
+    loaded = from_pretrained(tmp_path, model_fn=SameNames)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("size", [0, "0GB", "0B", "0.1B", "-1MB", "5XB"])
+def test_max_shard_size_must_be_positive(tmp_path: Path, size: int | str) -> None:
+    with pytest.raises(ValueError, match=r"max_shard_size must be a positive byte count .*got"):
+        save_checkpoint(llama(), tmp_path, max_shard_size=size)
+    assert not tmp_path.joinpath("config.json").exists()
+
+
+def test_a_quantized_output_embedding_is_written_untied(tmp_path: Path) -> None:
+    """A tied Llama whose lm_head is quantized: it holds codes, so the checkpoint says untied, and transformers
+    (which would tie a weight onto the quantized layer) reads it."""
+    with aqlm_quantized(CONFIG):
+        model = transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    assert type(model.lm_head) is QuantizedLinear
+    aqlm_ctx.load_tensors(model, random_tensors(model)).eval()
+    save_checkpoint(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    with torch.no_grad():
+        expected = model(IDS).logits
+        assert torch.equal(from_pretrained(tmp_path)(IDS).logits, expected)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+        torch.testing.assert_close(theirs(IDS).logits, expected)
+
+
+def test_codebooks_in_another_dtype_than_the_dense_layers_load_with_the_same_values(tmp_path: Path) -> None:
+    """``AqlmConfig(dtype=float16)`` on a float32 model: torch_dtype is one that holds both exactly."""
+    with aqlm_quantized(CONFIG.replace(dtype=torch.float16), skip=["2"]):
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    aqlm_ctx.load_tensors(model, random_tensors(model))
+    assert model[0].codebooks.dtype == torch.float16 and model[2].weight.dtype == torch.float32
+    save_checkpoint(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"
+    loaded = from_pretrained(tmp_path, model_fn=lambda: nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)))
+    original = model.state_dict()
+    assert loaded.state_dict().keys() == original.keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor.double(), original[name].double()), name
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
