@@ -155,6 +155,20 @@ def test_codes_changed_in_place_are_seen_by_the_next_call() -> None:
     assert_close(cpu.matmul(x, codes, codebooks, scales, b), expected(x, codes, codebooks, scales, b))
 
 
+def test_inference_codes_changed_in_place_inside_inference_mode_are_seen() -> None:
+    """Codes made under inference_mode have no version counter: an in-place write there is still seen."""
+    with torch.inference_mode():
+        codes, codebooks, scales, b = make_layer(64, 128, 2, 8, 8, seed=5)
+        x = torch.randn(2, 128)
+        assert codes.is_inference()
+        for tokens in (x[:1], x):
+            assert_close(cpu.matmul(tokens, codes, codebooks, scales, b), expected(tokens, codes, codebooks, scales, b))
+        codes.copy_(make_layer(64, 128, 2, 8, 8, seed=6)[0])
+        for tokens in (x[:1], x):
+            assert_close(cpu.matmul(tokens, codes, codebooks, scales, b), expected(tokens, codes, codebooks, scales, b))
+    assert codes not in cpu._INPUT_MAJOR_CODES
+
+
 def test_codes_given_new_storage_at_the_old_address_are_seen() -> None:
     """``codes.data = ...`` keeps the version counter; the storage the cached copy was made from is held with it, so
     new storage can never take its address and pass for the old codes."""

@@ -16,7 +16,8 @@ Paths, chosen per call by :func:`matmul`:
   beside it (one more byte per code; the layer's ``codes`` parameter, its ``state_dict`` and checkpoints keep the
   checkpoint layout and are never modified). The copy is made again when the codes change through torch (in-place
   ops such as ``codes.copy_(...)`` under ``torch.no_grad()``, ``load_state_dict``, new storage); writes through
-  ``codes.data`` bypass torch's version counter and are not seen.
+  ``codes.data`` bypass torch's version counter and are not seen. Codes made under ``torch.inference_mode`` have no
+  version counter: their copy is made on every call.
 * Larger codebooks (1x16), up to :data:`TILE_MAX_TOKENS` tokens: :func:`_row_tile_kernel` works through blocks of
   :data:`TILE_ROWS` output rows; each block's weights are gathered from the codebooks into a small tile (L1/L2
   cache) and dotted with every token at once. A row is computed by one thread in one fixed order, so again the
@@ -243,9 +244,8 @@ def _unsigned_codes(codes: torch.Tensor) -> np.ndarray:
 
 
 def _key(codes: torch.Tensor) -> tuple[int, int]:
-    """What identifies the current contents of ``codes``: its version counter and data pointer (an inference tensor
-    has no version counter; it cannot be written outside ``torch.inference_mode``)."""
-    return -1 if codes.is_inference() else codes._version, codes.data_ptr()
+    """What identifies the current contents of ``codes``: its version counter and data pointer."""
+    return codes._version, codes.data_ptr()
 
 
 #: Integer type as wide as one group's codes (num_codebooks x bytes per code), for a 2-D transpose.
@@ -275,8 +275,11 @@ def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     entry holds the old one, so the new one has another address) or read with another codebook size, and it
     disappears with the tensor. Entries of tensors whose data changed or
     left the CPU (``model.to("cuda")`` keeps the Parameter objects) are dropped whenever an entry is added.
-    Call with ``_LOCK`` held.
+    An inference tensor (made under ``torch.inference_mode``) has no version counter to tell an in-place write
+    inside inference mode, so its copy is made again on every call. Call with ``_LOCK`` held.
     """
+    if codes.is_inference():
+        return _input_major_copy(codes, codebook_size)
     key = (*_key(codes), codebook_size)
     cached = _INPUT_MAJOR_CODES.get(codes)
     if cached is not None and cached[0] == key:
@@ -284,10 +287,16 @@ def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     stale = [t for t, (k, *_) in _INPUT_MAJOR_CODES.items() if t.device.type != "cpu" or k[:2] != _key(t)]
     for tensor in stale:
         del _INPUT_MAJOR_CODES[tensor]
+    array = _input_major_copy(codes, codebook_size)
+    _INPUT_MAJOR_CODES[codes] = (key, array, codes.untyped_storage())
+    return array
+
+
+def _input_major_copy(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
+    """``codes % codebook_size`` as a new unsigned ``[in_groups, out_features, num_codebooks]`` array."""
     array = _unsigned_codes(_transposed(codes.detach()))
     if codebook_size < np.iinfo(array.dtype).max + 1:
         array &= array.dtype.type(codebook_size - 1)
-    _INPUT_MAJOR_CODES[codes] = (key, array, codes.untyped_storage())
     return array
 
 
