@@ -289,7 +289,8 @@ class _Block:
                     stand_in, weight = dense_weights.get(id(param), (None, None))
                     if param is not None and param is stand_in:
                         module._parameters[name] = weight
-        matcher.warn_unused(used, "aqlm_quantized")
+        if self.layers:  # a block that built no layer (a nested block built them all) has nothing to report
+            matcher.warn_unused(used, self.owner.name)
         quantized = sum(not skipped for _, _, skipped in decided)
         logger.info(
             "aqlm_quantized: %d Linear layers built as QuantizedLinear (%s), %d kept dense by skip",
@@ -511,6 +512,7 @@ class aqlm_quantized:
         self.config: AqlmConfig = as_config(config).with_skip(skip)
         self.matcher = SkipMatcher(self.config.skip)
         self.init_on_meta = bool(init_on_meta)
+        self.name = "aqlm_quantized"  # what warnings call it (the decorator names its factory)
 
     def __repr__(self) -> str:
         return f"aqlm_quantized({self.config!r}, init_on_meta={self.init_on_meta})"
@@ -526,6 +528,11 @@ class aqlm_quantized:
         traceback: TracebackType | None,
     ) -> None:
         self._close(apply_skips=exc_type is None)
+
+    def _is_innermost(self) -> bool:
+        """Whether this object's block is the innermost open block of the calling context."""
+        block = _innermost_block()
+        return block is not None and block.owner is self
 
     def _open(self) -> _Block:
         block = _Block(self)

@@ -26,7 +26,9 @@ def quantize_model(
 
     Works on functions, methods, classmethods (``from_config``-style constructors, in either decorator order)
     and staticmethods; the signature and docstring are kept. Skip paths are relative to the model the factory
-    returns (layers it built that are not part of that model are resolved relative to their own root).
+    returns (layers it built that are not part of that model are resolved relative to their own root). A factory
+    that calls itself to build sub-models (towers of a composite model) builds them into the outermost call's
+    model: skip paths are relative to that one.
 
     Args:
         config: anything :func:`aqlm_ctx.as_config` accepts.
@@ -48,29 +50,35 @@ def quantize_model(
             f"quantize_model needs a config: write @quantize_model(config, skip=[...]) above {name}, "
             "not @quantize_model"
         )
-    context = aqlm_quantized(config, skip, init_on_meta=init_on_meta)
-
-    @wrapt.decorator
-    def build_quantized(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
-        context._open()
-        try:
-            model = wrapped(*args, **kwargs)
-        except BaseException:
-            context._close(apply_skips=False)
-            raise
-        if not isinstance(model, nn.Module):
-            context._close(apply_skips=False)
-            factory = getattr(wrapped, "__qualname__", repr(wrapped))
-            raise TypeError(
-                f"{factory} is decorated with @quantize_model but returned {type(model).__name__}, "
-                "not a torch.nn.Module"
-            )
-        context._close(apply_skips=True, first_roots=[model])
-        return model
+    validated = aqlm_quantized(config, skip, init_on_meta=init_on_meta)
 
     def decorate(factory: Factory) -> Factory:
         if not callable(factory) and not isinstance(factory, (classmethod, staticmethod)):
             raise TypeError(f"@quantize_model decorates a callable model factory, got {type(factory).__name__}")
+        context = aqlm_quantized(validated.config, init_on_meta=init_on_meta)
+        named = getattr(factory, "__func__", factory)
+        context.name = f"@quantize_model on {getattr(named, '__qualname__', repr(named))}"
+
+        @wrapt.decorator
+        def build_quantized(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
+            if context._is_innermost():  # the factory calls itself (sub-models): its layers are the outer call's
+                return wrapped(*args, **kwargs)
+            context._open()
+            try:
+                model = wrapped(*args, **kwargs)
+            except BaseException:
+                context._close(apply_skips=False)
+                raise
+            if not isinstance(model, nn.Module):
+                context._close(apply_skips=False)
+                name = getattr(wrapped, "__qualname__", repr(wrapped))
+                raise TypeError(
+                    f"{name} is decorated with @quantize_model but returned {type(model).__name__}, "
+                    "not a torch.nn.Module"
+                )
+            context._close(apply_skips=True, first_roots=[model])
+            return model
+
         return build_quantized(factory)  # type: ignore[return-value]
 
     return decorate

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import warnings
+from pathlib import Path
 
 import pytest
 from aqlm import QuantizedLinear
@@ -115,3 +117,54 @@ def test_factory_exception_propagates_and_restores() -> None:
     with pytest.raises(OSError, match="disk"):
         broken()
     assert all(vars(nn.Linear)[key] is value for key, value in before.items())
+
+
+def test_a_factory_that_calls_itself_builds_into_the_outer_model() -> None:
+    """Towers built by the same decorated factory: skip paths are relative to the model the outermost call returns,
+    as with the visitor on the same architecture."""
+
+    @quantize_model(CONFIG, skip=["vision.proj"])
+    def tower(kind: str) -> nn.Module:
+        model = nn.Module()
+        if kind == "composite":
+            model.text = tower("text")
+            model.vision = tower("vision")
+            model.head = nn.Linear(16, 16)
+        else:
+            model.proj = nn.Linear(16, 16)
+        return model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the inner calls do not warn that "vision.proj" matched nothing
+        model = tower("composite")
+    assert type(model.vision.proj) is nn.Linear
+    assert type(model.text.proj) is QuantizedLinear and type(model.head) is QuantizedLinear
+    with pytest.warns(UserWarning, match="'vision.proj'"):  # called alone it is its own model, with path "proj"
+        assert type(tower("vision").proj) is QuantizedLinear
+
+
+def test_unused_pattern_warnings_name_the_factory() -> None:
+    @quantize_model(CONFIG, skip=["lm_heda"])
+    def build_small() -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 16))
+
+    with pytest.warns(UserWarning, match=r"^@quantize_model on .*build_small: skip pattern\(s\) matched no module"):
+        build_small()
+
+
+def test_a_decorated_model_fn_under_from_pretrained_warns_nothing(tmp_path: Path) -> None:
+    """from_pretrained's own block builds nothing when model_fn is a decorated factory (the factory's block does):
+    it has no unused patterns to report."""
+    from aqlm_ctx import from_pretrained, load_tensors, save_checkpoint
+    from aqlm_ctx.testing import random_tensors
+
+    @quantize_model(CONFIG, skip=["lm_head"])
+    def decorated() -> TinyLM:
+        return TinyLM()
+
+    model = load_tensors(decorated(), random_tensors(decorated()))
+    save_checkpoint(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = from_pretrained(tmp_path, model_fn=decorated)
+    assert signature(loaded) == signature(model)
