@@ -167,16 +167,29 @@ def _lossless_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _untie_quantized_output_embeddings(model: nn.Module, data: dict[str, Any]) -> None:
-    """``tie_word_embeddings: false`` where the output embeddings are quantized (they hold codes, not the input
-    embeddings' weight, so a reader that ties them, as transformers does, would give a quantized layer a weight)."""
+def _untie_quantized_output_embeddings(
+    model: nn.Module, data: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """``tie_word_embeddings: false`` where the output embeddings are quantized: they hold codes, not the input
+    embeddings' weight, and a reader that ties them (transformers does) would give a quantized layer a weight.
+    transformers 5 then ties none of the model's declared pairs (BERT's ``decoder.bias`` to ``predictions.bias``
+    too), so each pair's tensor, stored once, is also written under the name of the other."""
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     output = get_output_embeddings() if callable(get_output_embeddings) else None
     if not isinstance(output, QuantizedLinear):
         return
-    for config in (data, *(value for value in data.values() if isinstance(value, dict))):
+    configs = [data, *(value for value in data.values() if isinstance(value, dict))]
+    if not any(config.get("tie_word_embeddings") for config in configs):
+        return
+    for config in configs:
         if config.get("tie_word_embeddings"):
             config["tie_word_embeddings"] = False
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
+    state = model.state_dict(keep_vars=True)
+    for target, source in tied.items() if isinstance(tied, Mapping) else ():
+        for name, other in ((target, source), (source, target)):
+            if name not in tensors and other in tensors and state.get(name) is state.get(other) is not None:
+                tensors[name] = tensors[other].clone()
 
 
 def _checkpoint_weight_files(directory: Path) -> list[Path]:
@@ -274,7 +287,7 @@ def save_checkpoint(
     data.update(model_config or {})
     data.pop("quantization_config", None)
     data["torch_dtype"] = str(_lossless_dtype(model)).removeprefix("torch.")
-    _untie_quantized_output_embeddings(model, data)
+    _untie_quantized_output_embeddings(model, data, tensors)
     data["quantization_config"] = {
         "quant_method": "aqlm",
         "in_group_size": config.in_group_size,

@@ -354,3 +354,26 @@ def test_codebooks_in_another_dtype_than_the_dense_layers_load_with_the_same_val
     x = torch.randn(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_untied_output_embeddings_keep_the_other_declared_ties_readable(tmp_path: Path) -> None:
+    """BERT's quantized MLM decoder: with ``tie_word_embeddings: false`` transformers ties none of the declared
+    pairs, so the decoder bias (stored once, tied to ``cls.predictions.bias``) is written under both names."""
+    from safetensors.torch import load_file
+
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, vocab_size=128
+    )
+    with aqlm_quantized(CONFIG):
+        model = transformers.BertForMaskedLM(config)
+    assert type(model.cls.predictions.decoder) is QuantizedLinear
+    aqlm_ctx.load_tensors(model, random_tensors(model)).eval()
+    assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
+    save_checkpoint(model, tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(stored["cls.predictions.decoder.bias"], stored["cls.predictions.bias"])
+    with torch.no_grad():
+        expected = model(IDS).logits
+        assert torch.equal(from_pretrained(tmp_path)(IDS).logits, expected)
+        theirs = transformers.BertForMaskedLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        torch.testing.assert_close(theirs(IDS).logits, expected)
