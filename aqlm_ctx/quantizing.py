@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigLike, SkipPattern, as_config
+from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
 from .encoding import check_encode_options, encode_linear
 from .layers import indivisible_layers_error, make_all_quantized_in_place, new_quantized_linear
-from .visitor import select_linear_layers
+from .substitutions import substitution_for
+from .visitor import _has_real_tensors, _path_of, _shared_parameters, _substitute, _swaps, select_linear_layers
 
 __all__ = ["quantize_weights_"]
 
@@ -112,6 +113,7 @@ def _second_moments(
     return moments, [path for path in layers if path not in seen]
 
 
+@torch.inference_mode(False)  # codes, codebooks and scales are ordinary tensors, also under inference_mode
 def quantize_weights_(
     model: nn.Module,
     config: ConfigLike | None = None,
@@ -129,8 +131,15 @@ def quantize_weights_(
     layers are selected as by :func:`aqlm_ctx.replace_linear_layers` (same skip semantics), each keeps its
     identity, and the result can be written with :func:`aqlm_ctx.save_checkpoint`.
 
+    Like :func:`aqlm_ctx.replace_linear_layers`, it converts fused MoE experts (see :mod:`aqlm_ctx.substitutions`)
+    per expert: the per-expert layers get the original weights, then are encoded like any other (or stay dense when
+    skipped). Each distinct weight is encoded once (with calibration, against the summed ``XᵀX`` of the layers that
+    hold it) and layers that share a weight share its codes, codebooks and scales; a bias tied to another module
+    stays tied. The new tensors are ordinary ones, never inference tensors, also under ``torch.inference_mode()``.
+
     All or nothing: every layer is checked (and the calibration batches run) before any is encoded, and every
-    layer is encoded before any is converted, so on an error the model is unchanged.
+    layer is encoded before any is converted, so on an error (or an interrupt) the model is unchanged, the
+    substituted experts swapped back.
 
     Args:
         model: a model with real weights (on any device; encoding runs there).
@@ -139,7 +148,7 @@ def quantize_weights_(
         calibration: batches to run through the model (a tensor, a tuple of positional arguments or a dict of
             keyword arguments each) to collect each layer's input second moments. They run in eval mode under
             ``torch.no_grad()``: every module's ``training`` flag is set to ``False`` meanwhile (BatchNorm running
-            statistics are not updated, dropout is off) and restored afterwards. A layer that no batch reaches is
+            statistics are not updated, dropout is off) and restored afterwards. A weight that no batch reaches is
             encoded without calibration data, with a warning.
         generator: makes encoding reproducible (default: seeded with 0).
         progress: show a progress bar on stderr.
@@ -151,9 +160,11 @@ def quantize_weights_(
     Raises:
         TypeError: ``model`` is not a module, an encoding option is unknown, or a layer got no tensor input during
             calibration.
-        ValueError: a selected layer is on meta (nothing to encode), not divisible by the group sizes or has NaN or
-            infinite weights; a layer's calibration inputs have the wrong last dimension or NaN or infinite
-            values; an encoding option is out of range. The error names the layer; the model is unchanged.
+        ValueError: a selected layer is on meta (nothing to encode), not divisible by the group sizes, or has NaN,
+            infinite or too large weights (beyond what the encoder's float32 arithmetic holds); a layer's
+            calibration inputs have the wrong last dimension or NaN or infinite values; an encoding option is out
+            of range; a substituted module has real weights but its substitution no ``fill``. The error names the
+            layer; the model is unchanged.
 
     Example:
         >>> config = AqlmConfig(num_codebooks=2, nbits_per_codebook=8)
@@ -163,62 +174,136 @@ def quantize_weights_(
         raise TypeError(f"expected a torch.nn.Module to quantize, got {type(model).__name__}")
     check_encode_options(**encode_options)
     aqlm_config = as_config(config).with_skip(skip)
-    selected, indivisible = select_linear_layers(model, aqlm_config, "quantize_weights_")
+    swapped = _substitute(model)
+    try:
+        _fill_substitutions(model, swapped)
+        unreached = _encode_in_place(model, aqlm_config, calibration, generator, progress, encode_options)
+    except BaseException:  # all or nothing: the substituted modules back (no layer was converted)
+        for parent, name, original in swapped:
+            parent._modules[name] = original
+        raise
+    if unreached:
+        warnings.warn(
+            f"quantize_weights_: no calibration batch reached these layers, encoded without calibration data: "
+            f"{', '.join(path or '<root>' for path in unreached)}",
+            UserWarning,
+            stacklevel=3,  # past torch's inference_mode wrapper: the caller's line
+        )
+    return model
+
+
+def _fill_substitutions(model: nn.Module, swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Give the layers of each substituted module (built on meta) the original's real weights.
+
+    Raises:
+        ValueError: a substituted module has real weights but its substitution has no ``fill``.
+    """
+    swaps = _swaps(swapped)
+    unfillable = [
+        f"{type(original).__name__} at {_path_of(model, replacement, '')}"
+        for _, _, original, replacement in swaps
+        if substitution_for(original).fill is None and _has_real_tensors(original)  # type: ignore[union-attr]
+    ]
+    if unfillable:
+        raise ValueError(
+            "these substituted modules have real weights, but their substitution has no fill to give their layers "
+            f"the original weights (the model was not changed): {', '.join(unfillable)}"
+        )
+    for _, _, original, replacement in swaps:
+        fill = substitution_for(original).fill  # type: ignore[union-attr]
+        if fill is not None:
+            fill(original, replacement)
+
+
+def _weight_problem(path: str, weight: torch.Tensor, config: AqlmConfig) -> str | None:
+    """Why the encoder cannot take this weight (on meta, not finite, too large), if it cannot."""
+    where = f"{path or '<root>'}: its weight"
+    if weight.is_meta:
+        return f"{where} is on the meta device (load real weights first)"
+    if not bool(torch.isfinite(weight).all()):
+        return f"{where} of shape {list(weight.shape)} has NaN or infinite values"
+    if weight.numel() == 0:
+        return None  # encode_linear refuses the empty shape
+    # The encoder sums the squares of each output group's out_group_size * in_features weights in float32.
+    limit = (torch.finfo(torch.float32).max / (config.out_group_size * weight.shape[1])) ** 0.5
+    largest = float(torch.linalg.vector_norm(weight, ord=float("inf")))
+    if largest >= limit:
+        return (
+            f"{where} of shape {list(weight.shape)} has values up to {largest:.3g} in magnitude, out of range for "
+            f"the encoder (below {limit:.3g} for this shape: it squares them in float32)"
+        )
+    return None
+
+
+def _encode_in_place(
+    model: nn.Module,
+    config: AqlmConfig,
+    calibration: Iterable[Any] | None,
+    generator: torch.Generator | None,
+    progress: bool,
+    encode_options: dict[str, Any],
+) -> list[str]:
+    """Check, encode and convert the selected layers (see :func:`quantize_weights_`); all or nothing.
+
+    Returns:
+        The paths of the layers encoded without calibration data although ``calibration`` was given.
+    """
+    selected, indivisible = select_linear_layers(model, config, "quantize_weights_")
     if indivisible:
-        raise indivisible_layers_error(indivisible, aqlm_config, "; the model was not changed")
+        raise indivisible_layers_error(indivisible, config, "; the model was not changed")
     targets = dict(selected)
-    problems: list[str] = []
-    for path, m in targets.items():
-        if m.weight.is_meta:
-            problems.append(f"{path or '<root>'}: its weight is on the meta device (load real weights first)")
-        elif not bool(torch.isfinite(m.weight.detach()).all()):
-            problems.append(
-                f"{path or '<root>'}: its weight of shape {list(m.weight.shape)} has NaN or infinite values"
-            )
+    problems = [problem for path, m in targets.items() if (problem := _weight_problem(path, m.weight.detach(), config))]
     if problems:
         raise ValueError("cannot quantize these layers:\n  " + "\n  ".join(problems) + "\nthe model was not changed")
+    holders: dict[int, list[str]] = {}  # the paths of the layers that hold each distinct weight
+    for path, linear in targets.items():
+        holders.setdefault(id(linear.weight), []).append(path)
     moments: dict[str, torch.Tensor] = {}
+    unreached: list[str] = []
     if calibration is not None:
         moments, unseen = _second_moments(model, targets, calibration)
         for path in unseen:
             del moments[path]  # encoded from the weights alone, not against a zero XᵀX
-        if unseen:
-            warnings.warn(
-                f"quantize_weights_: no calibration batch reached these layers, encoded without calibration data: "
-                f"{', '.join(path or '<root>' for path in unseen)}",
-                UserWarning,
-                stacklevel=2,
-            )
+        unreached = [path for paths in holders.values() if not any(p in moments for p in paths) for path in paths]
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    bar = _progress(len(targets), progress)
-    templates = []
-    for path, linear in targets.items():  # encode every layer first: an error leaves the model untouched
-        stats = moments.get(path)
-        weight = linear.weight.detach()
+    bar = _progress(len(holders), progress)
+    encoded: dict[int, list[nn.Parameter]] = {}
+    for key, paths in holders.items():  # encode every weight first: an error leaves the model untouched
+        reached = [moments[path] for path in paths if path in moments]
+        weight = targets[paths[0]].weight.detach()
         try:
-            encoded = encode_linear(
+            tensors = encode_linear(
                 weight,
-                aqlm_config,
-                input_stats=stats.to(weight.device) if stats is not None else None,
+                config,
+                input_stats=torch.stack(reached).sum(0).to(weight.device) if reached else None,
                 generator=generator,
                 **encode_options,
             )
         except (TypeError, ValueError) as error:
             kind = ValueError if isinstance(error, ValueError) else TypeError
-            raise kind(f"{path or '<root>'}: {error}; the model was not changed") from error
+            raise kind(f"{paths[0] or '<root>'}: {error}; the model was not changed") from error
+        encoded[key] = [nn.Parameter(value, requires_grad=False) for value in tensors]
+        bar(paths[0])
+    shared = _shared_parameters(model)
+    biases: dict[int, nn.Parameter] = {}
+    templates = []
+    for linear in targets.values():
         template = new_quantized_linear(
-            linear.in_features, linear.out_features, linear.bias is not None, aqlm_config, weight.dtype
+            linear.in_features, linear.out_features, linear.bias is not None, config, linear.weight.dtype
         )
-        for name, value in zip(("codes", "codebooks", "scales"), encoded, strict=True):
-            setattr(template, name, nn.Parameter(value, requires_grad=False))
-        if linear.bias is not None:
-            bias = linear.bias.detach().to(aqlm_config.dtype or linear.bias.dtype)
-            template.bias = nn.Parameter(bias, requires_grad=False)
+        for name, parameter in zip(("codes", "codebooks", "scales"), encoded[id(linear.weight)], strict=True):
+            template._parameters[name] = parameter  # layers that share one weight share these
+        bias = linear.bias
+        if bias is not None:
+            dtype = config.dtype or bias.dtype
+            if id(bias) not in biases:
+                tied = id(bias) in shared and bias.dtype == dtype  # BERT's decoder bias stays tied to its owner
+                biases[id(bias)] = bias if tied else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+            template._parameters["bias"] = biases[id(bias)]
         templates.append(template)
-        bar(path)
     make_all_quantized_in_place(zip(targets.values(), templates, strict=True))  # templates use aqlm_ctx's kernels
-    logger.info("encoded %d Linear layers as %s", len(targets), aqlm_config.format_name)
-    return model
+    logger.info("encoded %d Linear layers (%d distinct weights) as %s", len(targets), len(holders), config.format_name)
+    return unreached
 
 
 def _progress(total: int, enabled: bool) -> Callable[[str], None]:
