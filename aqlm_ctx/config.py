@@ -251,6 +251,11 @@ def read_checkpoint_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any]
         file = file / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"no config.json at {os.fspath(path)!r}: expected an AQLM checkpoint directory")
+    if file.suffix != ".json":
+        raise ValueError(
+            f"{os.fspath(path)!r} is a file, not a checkpoint's config.json: pass the checkpoint directory "
+            f"({file.parent}) that holds it"
+        )
     try:
         model_config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

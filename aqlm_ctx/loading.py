@@ -147,15 +147,40 @@ def _module_devices(model: nn.Module, device_map: Mapping[str, DeviceLike]) -> C
     return device_of
 
 
+_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _one_device_as_map(device_map: Any) -> Any:
+    """A ``device_map`` that names one device (``0``, ``"cuda:1"``, ``torch.device("cpu")``) as ``{"": device}``,
+    as transformers takes it; placements and dicts as they are.
+
+    Raises:
+        TypeError: neither a placement name, a device nor a mapping.
+    """
+    if device_map is None or isinstance(device_map, Mapping) or device_map in _PLACEMENTS:
+        return device_map
+    if isinstance(device_map, (int, torch.device)) and not isinstance(device_map, bool):
+        return {"": device_map}  # a GPU index stays an index, as in a dict (accelerate's form)
+    if isinstance(device_map, str):
+        try:
+            return {"": torch.device(device_map)}
+        except RuntimeError:
+            return device_map  # not a device name either: _infer_device_map names what is allowed
+    raise TypeError(
+        f"device_map must be one of {', '.join(map(repr, _PLACEMENTS))}, a device (0, 'cuda:1', torch.device) or a "
+        f"dict of module name to device, got {device_map!r} ({type(device_map).__name__})"
+    )
+
+
 def _infer_device_map(
     model: nn.Module, device_map: str, max_memory: Mapping[Any, Any] | None, dtype: torch.dtype | None
 ) -> dict[str, DeviceLike]:
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
-    if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+    if device_map not in _PLACEMENTS:
         raise ValueError(
-            f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential' or a dict, got {device_map!r}"
+            f"device_map must be one of {', '.join(map(repr, _PLACEMENTS))}, a device or a dict, got {device_map!r}"
         )
     no_split = getattr(model, "_no_split_modules", None) or []
     if device_map != "sequential":
@@ -320,7 +345,8 @@ def load_checkpoint(
         path: the checkpoint directory (``model.safetensors`` or shards with ``model.safetensors.index.json``).
         device: put everything on this device (default ``"cpu"``).
         device_map: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` or a dict of module name to
-            device, to spread layers over several GPUs and the CPU (accelerate's placement and hooks).
+            device, to spread layers over several GPUs and the CPU (accelerate's placement and hooks); one device
+            (``0``, ``"cuda:1"``, ``torch.device``) means ``{"": device}``.
         max_memory: per-device memory limits for ``device_map`` (implies ``"auto"`` when given alone).
         dtype: dtype of floating tensors (codebooks, scales, biases, dense layers); default: the skeleton's.
         strict: unexpected tensors in the checkpoint are an error (else a warning); missing ones always are.
@@ -416,6 +442,7 @@ def _load(
 
     if device_map is None and max_memory is not None:
         device_map = "auto"
+    device_map = _one_device_as_map(device_map)
     if isinstance(device_map, str):
         device_map = _infer_device_map(model, device_map, max_memory, target_dtype)
     if device_map is not None:
@@ -473,8 +500,11 @@ def _finish(
 
 
 def _checkpoint_dtype(model_config: Mapping[str, Any]) -> torch.dtype | None:
-    name = model_config.get("torch_dtype") or model_config.get("dtype")
-    return parse_float_dtype(name, "config.json torch_dtype") if isinstance(name, str) and name != "auto" else None
+    for key in ("dtype", "torch_dtype"):  # transformers 5 reads "dtype" first
+        name = model_config.get(key)
+        if isinstance(name, str) and name != "auto":
+            return parse_float_dtype(name, f"config.json {key}")
+    return None
 
 
 def _build_with_renamed_skips(

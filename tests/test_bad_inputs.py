@@ -477,6 +477,18 @@ CASES: list[tuple[str, Callable[[Path], Any], type[Exception], str]] = [
         r"from_pretrained\(\) got unexpected keyword arguments: devce",
     ),
     ("load-device-and-map", _device_and_map, ValueError, r"pass either device or device_map"),
+    (
+        "load-device-map-list",
+        lambda p: from_pretrained(p, model_fn=Net, device_map=["cpu"]),
+        TypeError,
+        r"device_map must be one of 'auto', .*a device \(0, 'cuda:1', torch\.device\) or a dict .*got \['cpu'\]",
+    ),
+    (
+        "ckpt-weight-file-path",
+        lambda p: from_pretrained(p / "model.safetensors", model_fn=Net),
+        ValueError,
+        r"model\.safetensors' is a file, not a checkpoint's config\.json: pass the checkpoint directory",
+    ),
     ("load-device-map-disk", _device_map_disk, ValueError, r"device_map puts lm_head on 'disk', which aqlm_ctx"),
     ("load-dtype-int", _load_dtype, ValueError, r"^dtype must be a floating dtype .*got torch\.int8"),
     (

@@ -327,3 +327,18 @@ def test_bias_entries_of_the_converters_skip_list_keep_their_layers_quantized(tm
     from aqlm_ctx.cli import inspect_checkpoint
 
     assert inspect_checkpoint(tmp_path)["skip_unmatched"] == []
+
+
+@pytest.mark.parametrize("device_map", ["cpu", torch.device("cpu"), {"": "cpu"}])
+def test_a_device_map_naming_one_device_puts_everything_there(tmp_path: Path, device_map: object) -> None:
+    write_llama_checkpoint(tmp_path, tiny_llama(tie=False), FORMATS["2x8"])
+    model = from_pretrained(tmp_path, device_map=device_map)
+    assert {tensor.device.type for tensor in [*model.parameters(), *model.buffers()]} == {"cpu"}
+
+
+def test_config_dtype_key_is_read_before_torch_dtype(tmp_path: Path) -> None:
+    """transformers 5 writes ``dtype`` and reads it first; an older ``torch_dtype`` beside it is not the one."""
+    write_llama_checkpoint(tmp_path, tiny_llama(tie=False), FORMATS["2x8"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "float32", "torch_dtype": "float16"}))
+    assert from_pretrained(tmp_path).model.embed_tokens.weight.dtype == torch.float32
