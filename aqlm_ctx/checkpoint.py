@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -172,7 +173,8 @@ def find_checkpoint_files(path: str | os.PathLike[str], *, allow_pickle: bool = 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        # Memory-mapped where the file is a zip archive (torch >= 1.6); the legacy format is read whole.
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as error:
         raise ValueError(f"{file} could not be read with torch.load(weights_only=True): {error}") from error
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

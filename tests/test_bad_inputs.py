@@ -537,9 +537,11 @@ def test_unexpected_tensor_with_strict_false_is_a_warning(ckpt: Path, caplog: py
     assert model.proj.codes.device.type == "cpu"
 
 
-def test_pickle_checkpoint_loads_with_allow_pickle(ckpt: Path) -> None:
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickle_checkpoint_loads_with_allow_pickle(ckpt: Path, zip_format: bool) -> None:
+    """Both torch.save formats: the zip archive (memory-mapped) and the one before torch 1.6 (read whole)."""
     expected = load_file(ckpt / "model.safetensors")
-    torch.save(expected, ckpt / "pytorch_model.bin")
+    torch.save(expected, ckpt / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
     (ckpt / "model.safetensors").unlink()
     model = load_checkpoint(skeleton(), ckpt, allow_pickle=True)
     assert torch.equal(model.proj.codes, expected["proj.codes"])
