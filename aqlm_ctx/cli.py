@@ -17,6 +17,7 @@ from torch import nn
 from .checkpoint import TensorReader, find_checkpoint_files, open_checkpoint, pickle_only
 from .config import AqlmConfig, read_checkpoint_config
 from .matching import SkipMatcher
+from .substitutions import renamed_skip
 
 __all__ = ["inspect_checkpoint", "main"]
 
@@ -168,7 +169,7 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[
             code_bits, weights = code_bits + bits, weights + count
         dense = [module for module in _dense_layers(reader, names) if _name(module, "codes") not in name_set]
     skeleton = _skeleton(directory, model_config, config)
-    matcher = SkipMatcher(config.skip)
+    matcher = SkipMatcher(renamed_skip(config.skip, skeleton) if skeleton is not None else config.skip)
     found = matcher.resolve(skeleton if skeleton is not None else _module_paths_from_names(names))
     unmatched = [p for index, p in enumerate(config.skip) if index not in found.used]
     return {

@@ -20,7 +20,7 @@ from .config import AqlmConfig, parse_float_dtype, read_checkpoint_config
 from .construction import aqlm_quantized
 from .kernels import install_kernels
 from .layers import strip_foreign_parameters
-from .substitutions import apply_renames, checkpoint_renames
+from .substitutions import apply_renames, checkpoint_renames, renamed_skip
 
 __all__ = ["from_pretrained", "load_checkpoint", "load_tensors"]
 
@@ -517,10 +517,7 @@ def _build_with_renamed_skips(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = build(config)
-    renames = checkpoint_renames(model)
-    skip = tuple(
-        apply_renames(p, renames) if isinstance(p, str) and not p.startswith("re:") else p for p in config.skip
-    )
+    skip = renamed_skip(config.skip, model)
     if skip == config.skip:
         for warning in caught:  # the build stands: its warnings are the user's
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)

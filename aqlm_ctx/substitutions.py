@@ -220,3 +220,10 @@ def apply_renames(name: str, renames: Iterable[tuple[str, str]]) -> str:
     for pattern, replacement in renames:
         name = re.sub(pattern, replacement, name)
     return name
+
+
+def renamed_skip(skip: tuple[Any, ...], model: nn.Module) -> tuple[Any, ...]:
+    """A checkpoint's skip patterns with ``model``'s :func:`checkpoint_renames` applied to its names (hub lists name
+    checkpoint tensors, e.g. Mixtral's ``block_sparse_moe``); ``re:`` patterns and callables as they are."""
+    renames = checkpoint_renames(model)
+    return tuple(apply_renames(p, renames) if isinstance(p, str) and not p.startswith("re:") else p for p in skip)

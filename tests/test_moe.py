@@ -185,6 +185,10 @@ def test_hub_mixtral_checkpoint_matches_dense_fused_mixtral(tmp_path: Path) -> N
             model.generate(TOKENS, max_new_tokens=3, do_sample=False),
             dense.generate(TOKENS, max_new_tokens=3, do_sample=False),
         )
+    from aqlm_ctx.cli import inspect_checkpoint
+
+    report = inspect_checkpoint(tmp_path)  # the renamed skip list matches the architecture there too
+    assert report["skip_checked_against"] == "architecture" and report["skip_unmatched"] == []
 
 
 def test_qwen2_moe_matches_dense_fused_model() -> None:
