@@ -19,7 +19,7 @@ from .checkpoint import MappingReader, TensorReader, find_checkpoint_files, open
 from .config import AqlmConfig, parse_float_dtype, read_checkpoint_config
 from .construction import aqlm_quantized
 from .kernels import install_kernels
-from .layers import strip_foreign_parameters
+from .layers import check_divisible, make_all_quantized_in_place, new_quantized_linear, strip_foreign_parameters
 from .substitutions import apply_renames, checkpoint_renames, renamed_skip
 
 __all__ = ["from_pretrained", "load_checkpoint", "load_tensors"]
@@ -79,6 +79,38 @@ def _model_names(stored: list[str], renames: list[tuple[str, str]], problems: li
             problems.append(f"{name} and {by_model_name[renamed]} both map to the model's {renamed}")
         by_model_name[renamed] = name
     return by_model_name
+
+
+def _linear_subclasses_with_codes(model: nn.Module, names: set[str]) -> list[tuple[str, nn.Linear]]:
+    """Layers of a subclass of ``nn.Linear`` (Falcon's ``FalconLinear``) for whose weight the checkpoint holds codes
+    (model names): transformers' integration quantizes every ``isinstance(m, nn.Linear)``."""
+    return [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and type(module) is not nn.Linear and f"{path}.codes" in names
+    ]
+
+
+def _quantize_stored_linear_subclasses(
+    model: nn.Module, directory: Path, config: AqlmConfig, allow_pickle: bool
+) -> None:
+    """Turn the ``nn.Linear`` subclasses the checkpoint holds codes for into ``QuantizedLinear`` (in place, on meta)."""
+    names = set(
+        _model_names(
+            list(find_checkpoint_files(directory, allow_pickle=allow_pickle).weight_map), checkpoint_renames(model), []
+        )
+    )
+    layers = [
+        (
+            module,
+            new_quantized_linear(
+                module.in_features, module.out_features, module.bias is not None, config, module.weight.dtype
+            ),
+        )
+        for _, module in _linear_subclasses_with_codes(model, names)
+        if check_divisible(module.in_features, module.out_features, config, "") is None
+    ]
+    make_all_quantized_in_place(layers)
 
 
 def _expected_code_dtype(layer: QuantizedLinear) -> torch.dtype:
@@ -432,6 +464,13 @@ def _load(
             {name.rsplit(".", 1)[0] for name in missing if name.endswith(".codes") and name[:-6] + ".weight" in names}
         )
         hint = f" ({', '.join(stored_dense)} stored dense in the checkpoint: add to skip)" if stored_dense else ""
+        subclasses = _linear_subclasses_with_codes(model, names)
+        if subclasses:
+            hint += (
+                f" ({', '.join(f'{path} ({type(module).__name__})' for path, module in subclasses)}: subclasses of "
+                "nn.Linear, which aqlm_quantized leaves dense, hold codes in the checkpoint (transformers quantizes "
+                "them); from_pretrained quantizes such layers)"
+            )
         problems.append(f"missing from the checkpoint{hint}:" + _listing(missing))
     if unexpected and strict:
         problems.append("unexpected in the checkpoint (pass strict=False to ignore):" + _listing(unexpected))
@@ -575,7 +614,8 @@ def from_pretrained(
     builds the model with ``model_fn`` or else the transformers class the config names (never code from the
     checkpoint directory), honours the checkpoint's skip list in both forms (``lm_head.weight`` and ``lm_head``; renamed
     onto module paths where the model's modules declare checkpoint renames, as the stand-in for Mixtral's experts
-    does) and loads it with :func:`load_checkpoint`.
+    does), quantizes the subclasses of ``nn.Linear`` the checkpoint holds codes for (transformers' integration
+    quantizes Falcon's ``FalconLinear``) and loads it with :func:`load_checkpoint`.
 
     Args:
         path: the checkpoint directory.
@@ -614,4 +654,5 @@ def from_pretrained(
         def rebuild() -> nn.Module:
             return build(config, init_on_meta=False)
 
+    _quantize_stored_linear_subclasses(model, directory, config, bool(load_kwargs.get("allow_pickle", False)))
     return load_checkpoint(model, directory, dtype=dtype, rebuild=rebuild, **load_kwargs)

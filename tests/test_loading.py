@@ -342,3 +342,30 @@ def test_config_dtype_key_is_read_before_torch_dtype(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "float32", "torch_dtype": "float16"}))
     assert from_pretrained(tmp_path).model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_linear_subclasses_that_the_checkpoint_quantized_load_quantized(tmp_path: Path) -> None:
+    """transformers' integration quantizes every ``isinstance(m, nn.Linear)``, Falcon's ``FalconLinear`` too:
+    from_pretrained quantizes the subclass layers the checkpoint holds codes for; load_checkpoint names them."""
+    import transformers.quantizers  # transformers 5.24 needs it imported before its aqlm integration
+    from transformers.integrations.aqlm import replace_with_aqlm_linear as transformers_replace
+
+    config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=128)
+    with torch.device("meta"):
+        theirs = transformers.FalconForCausalLM(config)
+    transformers_replace(
+        theirs,
+        modules_to_not_convert=["lm_head"],
+        quantization_config=transformers.AqlmConfig(num_codebooks=2, nbits_per_codebook=8),
+    )
+    aqlm_ctx.load_tensors(theirs, random_tensors(theirs), dtype=torch.float32).eval()
+    save_checkpoint(theirs, tmp_path)
+    loaded = from_pretrained(tmp_path, dtype=torch.float32)
+    assert type(loaded.transformer.h[0].self_attention.query_key_value) is QuantizedLinear
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, theirs(ids).logits)
+    with aqlm_quantized(AqlmConfig.from_pretrained(tmp_path)):
+        skeleton = transformers.FalconForCausalLM(config)
+    with pytest.raises(ValueError, match=r"query_key_value \(FalconLinear\).*subclasses of nn\.Linear"):
+        load_checkpoint(skeleton, tmp_path)
