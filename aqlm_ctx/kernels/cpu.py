@@ -33,7 +33,8 @@ machine with few cores each pool slows the other down. The first call starts num
 ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once) unless the user set that variable or numba's pool is
 already running; the environment is restored right after. Neither ``numba.set_num_threads`` nor torch's thread
 settings are touched. Calls hold a module lock (numba's ``workqueue`` layer must not be entered by two Python
-threads at once).
+threads at once). numba's pool does not survive ``fork``: a process forked after these kernels ran (a ``fork``
+multiprocessing pool, DataLoader workers) hangs or aborts in them; start such workers with the ``spawn`` method.
 """
 
 from __future__ import annotations
