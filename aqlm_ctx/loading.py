@@ -81,36 +81,35 @@ def _model_names(stored: list[str], renames: list[tuple[str, str]], problems: li
     return by_model_name
 
 
-def _linear_subclasses_with_codes(model: nn.Module, names: set[str]) -> list[tuple[str, nn.Linear]]:
-    """Layers of a subclass of ``nn.Linear`` (Falcon's ``FalconLinear``) for whose weight the checkpoint holds codes
-    (model names): transformers' integration quantizes every ``isinstance(m, nn.Linear)``."""
+def _linear_subclasses(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Layers of a subclass of ``nn.Linear`` (Falcon's ``FalconLinear``), which aqlm_quantized leaves dense."""
     return [
         (path, module)
         for path, module in model.named_modules()
-        if isinstance(module, nn.Linear) and type(module) is not nn.Linear and f"{path}.codes" in names
+        if isinstance(module, nn.Linear) and type(module) is not nn.Linear
     ]
 
 
 def _quantize_stored_linear_subclasses(
     model: nn.Module, directory: Path, config: AqlmConfig, allow_pickle: bool
 ) -> None:
-    """Turn the ``nn.Linear`` subclasses the checkpoint holds codes for into ``QuantizedLinear`` (in place, on meta)."""
-    names = set(
-        _model_names(
-            list(find_checkpoint_files(directory, allow_pickle=allow_pickle).weight_map), checkpoint_renames(model), []
-        )
-    )
-    layers = [
+    """Turn the ``nn.Linear`` subclasses the checkpoint holds codes for into ``QuantizedLinear`` (in place, on meta):
+    transformers' integration quantizes every ``isinstance(m, nn.Linear)``."""
+    subclasses = _linear_subclasses(model)
+    if not subclasses:  # the usual case: no need to list the checkpoint's tensors
+        return
+    stored = find_checkpoint_files(directory, allow_pickle=allow_pickle).weight_map
+    names = set(_model_names(list(stored), checkpoint_renames(model), []))
+    make_all_quantized_in_place(
         (
             module,
             new_quantized_linear(
                 module.in_features, module.out_features, module.bias is not None, config, module.weight.dtype
             ),
         )
-        for _, module in _linear_subclasses_with_codes(model, names)
-        if check_divisible(module.in_features, module.out_features, config, "") is None
-    ]
-    make_all_quantized_in_place(layers)
+        for path, module in subclasses
+        if f"{path}.codes" in names and check_divisible(module.in_features, module.out_features, config, path) is None
+    )
 
 
 def _expected_code_dtype(layer: QuantizedLinear) -> torch.dtype:
@@ -464,7 +463,7 @@ def _load(
             {name.rsplit(".", 1)[0] for name in missing if name.endswith(".codes") and name[:-6] + ".weight" in names}
         )
         hint = f" ({', '.join(stored_dense)} stored dense in the checkpoint: add to skip)" if stored_dense else ""
-        subclasses = _linear_subclasses_with_codes(model, names)
+        subclasses = [(path, module) for path, module in _linear_subclasses(model) if f"{path}.codes" in names]
         if subclasses:
             hint += (
                 f" ({', '.join(f'{path} ({type(module).__name__})' for path, module in subclasses)}: subclasses of "
