@@ -184,7 +184,10 @@ class AqlmConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> AqlmConfig:
         """Read a hub ``quantization_config`` dict (or a legacy ``"aqlm"`` block).
 
-        ``linear_weights_not_to_quantize`` and ``modules_to_not_convert`` both become ``skip`` patterns.
+        ``linear_weights_not_to_quantize`` and ``modules_to_not_convert`` both become ``skip`` patterns, less the
+        ``X.bias`` entries whose ``X`` the lists do not name (neither ``X`` nor ``X.weight``): AQLM's converter lists
+        every parameter but the quantized weights, so the biases of quantized layers (Qwen2's q/k/v projections)
+        are there too, and as patterns they would keep those layers dense.
 
         Raises:
             TypeError: ``data`` is not a mapping, or a value has the wrong type.
@@ -216,6 +219,8 @@ class AqlmConfig:
             if isinstance(value, str) or not isinstance(value, Iterable):
                 raise TypeError(f"quantization config field {key!r} must be a list of names, got {value!r}")
             skip.extend(value)
+        named = {p.removesuffix(".weight") for p in skip if isinstance(p, str)}
+        skip = [p for p in skip if not (isinstance(p, str) and p.endswith(".bias") and p[: -len(".bias")] not in named)]
         fields = {name: data[name] for name in _FORMAT_FIELDS if name in data}
         return cls(**fields, dtype=data.get("dtype"), skip=tuple(skip))
 

@@ -9,10 +9,7 @@ pattern                     matches the module path ``p`` when
 ==========================  =====================================================================================
 ``"lm_head"``               ``p == "lm_head"`` or ``p`` ends with ``".lm_head"`` (dot-aware suffix:
                             ``mlp.gate`` never matches ``mlp.gate_proj``, ``layers.1`` never ``layers.10``)
-``"lm_head.weight"``        a trailing ``.weight`` names the weight and means its module
-``"q_proj.bias"``           a trailing ``.bias`` names a bias, which is never quantized: the pattern matches its
-                            module (no warning) but skips nothing (AQLM's converter lists every bias of a
-                            quantized layer in ``linear_weights_not_to_quantize``)
+``"lm_head.weight"``        a trailing ``.weight`` / ``.bias`` names a parameter and means its module
 ``"model.layers.*.mlp"``    the pattern has ``*``, ``?`` or ``[``: :func:`fnmatch.fnmatchcase` on the whole path
                             (``*`` also crosses dots); Unix shell wildcards, not regular expressions
 ``"re:.*\\.(k|v)_proj"``     the rest is a regular expression that must match the whole path
@@ -39,13 +36,6 @@ __all__ = ["Resolution", "SkipMatcher", "iter_module_paths"]
 
 _PARAMETER_SUFFIXES = (".weight", ".bias")
 _GLOB_CHARACTERS = frozenset("*?[")
-
-
-def _names_a_bias(pattern: SkipPattern) -> bool:
-    """Whether a pattern names a bias (``q_proj.bias``): it matches its module but skips nothing."""
-    return (
-        isinstance(pattern, str) and not pattern.startswith("re:") and pattern.endswith(".bias") and pattern != ".bias"
-    )
 
 
 def _compile(pattern: SkipPattern) -> Callable[[str, nn.Module], bool]:
@@ -114,7 +104,6 @@ class SkipMatcher:
     def __init__(self, patterns: Iterable[SkipPattern] = ()) -> None:
         self.patterns: tuple[SkipPattern, ...] = _check_skip(tuple(patterns))
         self._predicates = tuple(_compile(pattern) for pattern in self.patterns)
-        self._skipping = frozenset(index for index, pattern in enumerate(self.patterns) if not _names_a_bias(pattern))
 
     def __repr__(self) -> str:
         return f"SkipMatcher({list(self.patterns)!r})"
@@ -146,7 +135,7 @@ class SkipMatcher:
             found.modules.setdefault(id(module), (path, module))
             hits = self.matching(path, present(module) if present is not None else module)
             found.used.update(hits)
-            if not self._skipping.isdisjoint(hits) or (parent is not None and parent in skipped_paths):
+            if hits or (parent is not None and parent in skipped_paths):
                 skipped_paths.add(path)
                 found.skipped.add(id(module))
         return found

@@ -153,3 +153,28 @@ def test_a_quantization_config_as_a_json_string_is_a_value_error() -> None:
     block = json.dumps({"quant_method": "aqlm", "num_codebooks": 2, "nbits_per_codebook": 8, "skip": ["x" * 300]})
     with pytest.raises(ValueError, match="expected a checkpoint directory path, got .*pass a quantization_config dict"):
         as_config(block)
+
+
+def test_from_dict_drops_the_converters_bias_entries_of_quantized_layers() -> None:
+    """AQLM's converter lists every parameter but the quantized weights: a bias whose layer the lists do not name
+    belongs to a quantized layer and is dropped; a bias beside its dense layer's weight stays."""
+    config = AqlmConfig.from_dict(
+        {
+            "quant_method": "aqlm",
+            "linear_weights_not_to_quantize": [
+                "model.layers.0.self_attn.q_proj.bias",
+                "model.layers.0.input_layernorm.weight",
+                "lm_head.weight",
+                "lm_head.bias",
+            ],
+            "modules_to_not_convert": ["score", "score.bias"],
+        }
+    )
+    assert config.skip == (
+        "model.layers.0.input_layernorm.weight",
+        "lm_head.weight",
+        "lm_head.bias",
+        "score",
+        "score.bias",
+    )
+    assert AqlmConfig(skip=["q_proj.bias"]).skip == ("q_proj.bias",)  # patterns given directly keep their meaning

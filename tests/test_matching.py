@@ -42,7 +42,7 @@ def below(path: str) -> set[str]:
     [
         ("lm_head", {"lm_head"}),
         ("lm_head.weight", {"lm_head"}),
-        ("layers.0.mlp.gate.bias", set()),  # a bias is never quantized: its module is matched, not skipped
+        ("layers.0.mlp.gate.bias", {"layers.0.mlp.gate"}),
         ("mlp.gate", {f"layers.{i}.mlp.gate" for i in range(11)}),
         ("layers.1", below("layers.1")),
         ("layers.1.attn", {"layers.1.attn"}),

@@ -196,10 +196,10 @@ def oracle_matches(pattern: Any, path: str, module: nn.Module) -> bool:
         return bool(pattern(path, module))
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], path) is not None
-    if pattern.endswith(".bias") and pattern != ".bias":  # names a bias: never quantized, so it skips nothing
-        return False
-    if pattern.endswith(".weight") and pattern != ".weight":  # a trailing .weight means its module
-        pattern = pattern[: -len(".weight")]
+    for parameter in (".weight", ".bias"):  # a trailing .weight / .bias means its module
+        if pattern.endswith(parameter) and pattern != parameter:
+            pattern = pattern[: -len(parameter)]
+            break
     if any(char in pattern for char in "*?["):
         return fnmatch.fnmatchcase(path, pattern)
     return path == pattern or path.endswith("." + pattern)
