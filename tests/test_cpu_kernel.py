@@ -432,3 +432,20 @@ def test_float64_layers_are_exact() -> None:
     assert out.dtype == torch.float64
     assert torch.allclose(out, expected(x, layer.codes, layer.codebooks, layer.scales, layer.bias), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_jit_trace_and_export_record_the_plain_torch_path() -> None:
+    """The numba kernel writes into an output buffer the tracer cannot see (a trace replayed an empty buffer), and
+    export takes no graph break: both record plain torch, which gives the same values."""
+    import warnings
+
+    layer = _two_by_eight().eval()
+    x, other = torch.randn(2, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        expected_other = expected(other, layer.codes, layer.codebooks, layer.scales, layer.bias)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.trace is deprecated
+            traced = torch.jit.trace(layer, x)
+        assert_close(traced(other), expected_other)
+        exported = torch.export.export(layer, (x,))  # static shapes: called with the traced token count
+        assert_close(exported.module()(other[:2]), expected_other[:2])

@@ -104,7 +104,7 @@ def _forward_kernel(
             if cuda_kernels.supports_dequantized(input, codes, codebooks, scales, bias):
                 return cuda_kernels.dequantized_matmul(input, codes, codebooks, scales, bias)
         return _triton_or_stock_matmul(input, codes, codebooks, scales, bias, triton=enabled)
-    if input.device.type == "cpu":
+    if input.device.type == "cpu" and not torch.compiler.is_exporting():  # export takes no graph break: plain torch
         from . import cpu
 
         if cpu.supports(input, codes, codebooks):
@@ -151,7 +151,8 @@ def aqlm_matmul(
     Codes are always in the checkpoint layout ``[out_groups, in_groups, num_codebooks]`` and are never modified.
     Gradients: to the input and bias through the fast forward kernel and a dequantized backward; to codebooks or
     scales (when they require grad), forward-mode tangents and ``torch.func`` transforms through the plain-torch
-    path, so every derivative is exact.
+    path, so every derivative is exact. ``torch.jit.trace`` and, on CPU, ``torch.export`` record the plain-torch
+    path too.
     """
     if codes.is_meta and not input.is_meta:
         raise RuntimeError(
@@ -173,8 +174,11 @@ def aqlm_matmul(
 
 
 def _transformed(input: torch.Tensor) -> bool:
-    """Whether ``input`` carries a forward-mode tangent or is inside a ``torch.func`` transform (vmap, grad, jvp):
-    plain torch propagates those, the kernels (and their autograd function) do not."""
+    """Whether ``input`` carries a forward-mode tangent, is inside a ``torch.func`` transform (vmap, grad, jvp) or
+    is traced by ``torch.jit.trace``: plain torch propagates and records those, the kernels (and their autograd
+    function) do not (a trace would record only an empty output buffer)."""
+    if torch.jit.is_tracing():
+        return True
     if torch.compiler.is_compiling():
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(input):
