@@ -201,7 +201,7 @@ class _Block:
 
         Raises:
             ValueError: layers that are not skipped cannot be split into the config's groups, or layers were
-                parametrized (``torch.nn.utils.parametrize``) while quantized; nothing changed.
+                reparametrized (``parametrize``, weight or spectral norm, pruning) while quantized; nothing changed.
         """
         matcher, config = self.owner.matcher, self.owner.config
         # Models attached to last first: a layer that passed through a temporary container (nn.Sequential(layer)
@@ -238,13 +238,14 @@ class _Block:
         parametrized = [
             _where(path, layer)
             for layer, path, _ in decided
-            if isinstance(layer.module, QuantizedLinear) and parametrize.is_parametrized(layer.module)
+            if isinstance(layer.module, QuantizedLinear) and _reparametrized(layer.module)
         ]
         if parametrized:
             raise ValueError(
-                "these layers were parametrized (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) while "
-                "aqlm_quantized built them, when they had no weight of their own to parametrize; build them outside "
-                "the block, or parametrize them after it (skipped ones):" + "".join(f"\n  {p}" for p in parametrized)
+                "these layers were reparametrized (torch.nn.utils.parametrize or parametrizations.weight_norm / "
+                "spectral_norm, the older torch.nn.utils.weight_norm / spectral_norm hooks, or torch.nn.utils.prune) "
+                "while aqlm_quantized built them, when they had no weight of their own; build them outside the "
+                "block, or reparametrize them after it (skipped ones):" + "".join(f"\n  {p}" for p in parametrized)
             )
         # A layer whose weight was tied to another built layer's (stand-in) weight shares that layer's parameters.
         placeholders = {id(layer.placeholder): layer for layer in self.layers if layer.placeholder is not None}
@@ -298,6 +299,17 @@ class _Block:
             config.format_name,
             len(decided) - quantized,
         )
+
+
+def _reparametrized(module: nn.Module) -> bool:
+    """Whether ``module``'s weight was reparametrized: a parametrization, or a weight-norm, spectral-norm or
+    pruning pre-hook (the older APIs, which move the weight to ``weight_g`` / ``weight_orig``)."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooks = (WeightNorm, SpectralNorm, BasePruningMethod)
+    return parametrize.is_parametrized(module) or any(isinstance(h, hooks) for h in module._forward_pre_hooks.values())
 
 
 def _fresh(value: Any) -> Any:
@@ -475,9 +487,10 @@ class aqlm_quantized:
     inside the block reaches both). Other factory calls with an explicit ``device=`` keep it. With
     ``init_on_meta=False`` a skipped layer gets ``nn.Linear``'s default initialisation when the block ends: what
     the model's own code initialised inside the block was the quantized layer's stand-in, so load the layer's
-    weights or initialise it after the block. A layer parametrized inside the block (``weight_norm``) is refused.
-    A ``copy.deepcopy`` of a layer made inside the block counts as built there once it is attached to a model of the
-    block (``nn.TransformerEncoder``'s clones); copy a whole model after the block ends.
+    weights or initialise it after the block. A layer reparametrized inside the block (``weight_norm``,
+    ``spectral_norm``, pruning) is refused. A ``copy.deepcopy`` of a layer made inside the block counts as built
+    there once it is attached to a model of the block (``nn.TransformerEncoder``'s clones); copy a whole model after
+    the block ends.
 
     Scope: only the thread or asyncio task that entered the block, and asyncio tasks it starts inside the block, are
     affected, and only while the block is open; others building models at the same time get ordinary layers, and
@@ -494,7 +507,7 @@ class aqlm_quantized:
     Raises:
         ValueError: on exit, a layer that is not skipped cannot be split into the config's groups (the message
             names its path, the line that built it, its shape and the group sizes), or a quantized layer was
-            parametrized (``weight_norm``) inside the block.
+            reparametrized (``weight_norm``, ``spectral_norm``, pruning) inside the block.
         RuntimeError: blocks were exited in a different order than they were entered.
 
     Example:

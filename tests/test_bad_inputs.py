@@ -223,6 +223,16 @@ def _parametrized_context(ckpt: Path) -> None:
         nn.ModuleDict({"head": nn.utils.parametrizations.weight_norm(nn.Linear(16, 16))})
 
 
+def _old_spectral_norm_context(ckpt: Path) -> None:
+    with aqlm_quantized(CONFIG, skip=["head"]):  # skipped too: the hook reads weight_orig, which it no longer has
+        nn.ModuleDict({"body": nn.Linear(16, 16), "head": nn.utils.spectral_norm(nn.Linear(16, 16))})
+
+
+def _pruned_context(ckpt: Path) -> None:
+    with aqlm_quantized(CONFIG):
+        nn.ModuleDict({"head": nn.utils.prune.random_unstructured(nn.Linear(16, 16), "weight", amount=0.5)})
+
+
 def _not_divisible_visitor(ckpt: Path) -> None:
     replace_linear_layers(nn.ModuleDict({"ok": nn.Linear(16, 16), "odd": nn.Linear(12, 16)}), CONFIG)
 
@@ -369,7 +379,19 @@ CASES: list[tuple[str, Callable[[Path], Any], type[Exception], str]] = [
         "context-parametrized",
         _parametrized_context,
         ValueError,
-        r"were parametrized \(torch\.nn\.utils\.parametrize.*\n  head \(built at .*test_bad_inputs\.py:\d+\)",
+        r"were reparametrized \(torch\.nn\.utils\.parametrize.*\n  head \(built at .*test_bad_inputs\.py:\d+\)",
+    ),
+    (
+        "context-old-spectral-norm",
+        _old_spectral_norm_context,
+        ValueError,
+        r"were reparametrized \(.*older torch\.nn\.utils\.weight_norm / spectral_norm hooks.*\n  head \(built at ",
+    ),
+    (
+        "context-pruned",
+        _pruned_context,
+        ValueError,
+        r"were reparametrized \(.*torch\.nn\.utils\.prune\).*\n  head \(built at ",
     ),
     (
         "visitor-not-divisible",
