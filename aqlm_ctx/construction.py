@@ -206,7 +206,12 @@ class _Block:
         matcher, config = self.owner.matcher, self.owner.config
         # Models attached to last first: a layer that passed through a temporary container (nn.Sequential(layer)
         # to count its parameters) takes its path from the model it ended up in.
-        roots = [*first_roots, *(m for m in reversed(self.parents.values()) if m not in self.children)]
+        # A module attached without the registration hook (ModuleList.insert writes _modules itself) is no child
+        # that the block saw: it is a root only if no other root reaches it.
+        first = list(first_roots)
+        candidates = [m for m in reversed(self.parents.values()) if m not in self.children]
+        reached = {id(m) for root in [*first, *candidates] for m in root.modules() if m is not root}
+        roots = [*first, *(m for m in candidates if id(m) not in reached)]
         self.layers += self._copies(roots)
         built = {id(layer.module): layer for layer in self.layers}
         present = self._as_built(built) if matcher.has_callables else None

@@ -434,3 +434,28 @@ def test_a_model_built_in_a_block_can_be_saved_inside_it() -> None:
         data = pickle.dumps(model)
     assert type(pickle.loads(data).layers[0]["q"]) is QuantizedLinear  # the model as it was when pickled
     torch.save(model, io.BytesIO())
+
+
+def test_blocks_inserted_into_a_module_list_take_their_paths_from_the_model() -> None:
+    """``ModuleList.insert`` writes ``_modules`` itself (no registration hook): the inserted block is no root of its
+    own, so anchored patterns see its layers' full paths, as the visitor does."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+            self.blocks = nn.ModuleList([Block()])
+            self.blocks.insert(0, Block())
+
+    for skip in (["re:fc"], ["[f]c"]):
+        with aqlm_quantized(CONFIG, skip=skip):
+            built = Model()
+        with torch.device("meta"):
+            visited = replace_linear_layers(Model(), CONFIG, skip=skip)
+        assert signature(built) == signature(visited)
+        assert type(built.fc) is nn.Linear and type(built.blocks[0].fc) is QuantizedLinear
