@@ -260,7 +260,8 @@ class _Block:
             for layer, _, _ in decided
             if (owner := placeholders.get(id(layer.module._parameters.get("weight")))) not in (None, layer)
         }
-        dense_weights: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (stand-in, its skipped layer's weight)
+        # id -> (a stand-in weight or old bias, what replaces it)
+        dense_weights: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
         for layer, path, skipped in decided:
             stand_in = layer.placeholder
             placeholder = layer.drop_placeholder()
@@ -272,6 +273,8 @@ class _Block:
                     make_dense_in_place(layer.module, layer.device, dtype, requires_grad, keep_bias=tied_bias)
                     if stand_in is not None:
                         dense_weights[id(stand_in)] = (stand_in, layer.module._parameters["weight"])
+                    if not tied_bias and layer.own_bias is not None:  # another layer may hold its old bias
+                        dense_weights[id(layer.own_bias)] = (layer.own_bias, layer.module._parameters["bias"])
                 continue
             owner = tied_to.get(id(layer.module))
             if owner is not None and id(owner.module) not in skipped_ids:
@@ -289,7 +292,7 @@ class _Block:
                     layer.module._parameters["weight"] = nn.Parameter(
                         torch.empty(layer.out_features, layer.in_features, device=layer.device, dtype=layer.dtype)
                     )
-        if dense_weights:  # other modules holding a skipped layer's stand-in (nanoGPT's wte.weight = lm_head.weight)
+        if dense_weights:  # other modules holding a skipped layer's stand-in or old bias (nanoGPT's wte.weight)
             for module in {id(m): m for root in roots for m in root.modules()}.values():
                 for name, param in module._parameters.items():
                     stand_in, weight = dense_weights.get(id(param), (None, None))

@@ -459,3 +459,20 @@ def test_blocks_inserted_into_a_module_list_take_their_paths_from_the_model() ->
             visited = replace_linear_layers(Model(), CONFIG, skip=skip)
         assert signature(built) == signature(visited)
         assert type(built.fc) is nn.Linear and type(built.blocks[0].fc) is QuantizedLinear
+
+
+def test_a_bias_shared_with_a_skipped_layer_stays_shared() -> None:
+    class SharedBias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            self.b = nn.Linear(16, 16)
+            self.b.bias = self.a.bias
+
+    with aqlm_quantized(CONFIG, skip=["a"]):
+        built = SharedBias()
+    with torch.device("meta"):
+        visited = replace_linear_layers(SharedBias(), CONFIG, skip=["a"])
+    assert type(built.a) is nn.Linear and type(built.b) is QuantizedLinear
+    assert built.b.bias is built.a.bias
+    assert signature(built) == signature(visited)
