@@ -538,7 +538,9 @@ def _finish(
 
 
 def _checkpoint_dtype(model_config: Mapping[str, Any]) -> torch.dtype | None:
-    for key in ("dtype", "torch_dtype"):  # transformers 5 reads "dtype" first
+    # transformers 4 writes torch_dtype, transformers 5 dtype; where both are there, torch_dtype is what the
+    # checkpoint's writer meant (earlier aqlm_ctx saves wrote the model's dtype there beside a stale dtype).
+    for key in ("torch_dtype", "dtype"):
         name = model_config.get(key)
         if isinstance(name, str) and name != "auto":
             return parse_float_dtype(name, f"config.json {key}")

@@ -336,12 +336,15 @@ def test_a_device_map_naming_one_device_puts_everything_there(tmp_path: Path, de
     assert {tensor.device.type for tensor in [*model.parameters(), *model.buffers()]} == {"cpu"}
 
 
-def test_config_dtype_key_is_read_before_torch_dtype(tmp_path: Path) -> None:
-    """transformers 5 writes ``dtype`` and reads it first; an older ``torch_dtype`` beside it is not the one."""
+def test_config_dtype_keys(tmp_path: Path) -> None:
+    """transformers 5 writes only ``dtype``; where ``torch_dtype`` is there too, it is the one its writer meant."""
     write_llama_checkpoint(tmp_path, tiny_llama(tie=False), FORMATS["2x8"])
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "float32", "torch_dtype": "float16"}))
-    assert from_pretrained(tmp_path).model.embed_tokens.weight.dtype == torch.float32
+    config.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert from_pretrained(tmp_path).model.embed_tokens.weight.dtype == torch.bfloat16
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "torch_dtype": "float16"}))
+    assert from_pretrained(tmp_path).model.embed_tokens.weight.dtype == torch.float16
 
 
 def test_linear_subclasses_that_the_checkpoint_quantized_load_quantized(tmp_path: Path) -> None:
