@@ -155,9 +155,11 @@ def test_codes_changed_in_place_are_seen_by_the_next_call() -> None:
     assert_close(cpu.matmul(x, codes, codebooks, scales, b), expected(x, codes, codebooks, scales, b))
 
 
-def test_inference_codes_changed_in_place_inside_inference_mode_are_seen() -> None:
-    """Codes made under inference_mode have no version counter: an in-place write there is still seen."""
-    with torch.inference_mode():
+def test_inference_codes_changed_in_place_inside_inference_mode_are_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Codes made under inference_mode have no version counter: an in-place write there is still seen (each call
+    makes its copy again, and the first such call says so once)."""
+    monkeypatch.setattr(cpu, "_warned_inference", False)
+    with torch.inference_mode(), pytest.warns(UserWarning, match="codes are inference tensors .* every call"):
         codes, codebooks, scales, b = make_layer(64, 128, 2, 8, 8, seed=5)
         x = torch.randn(2, 128)
         assert codes.is_inference()

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,7 @@ _LOCK = threading.Lock()
 #: held, so that new storage cannot take its address unnoticed).
 _INPUT_MAJOR_CODES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 _pool_started = False
+_warned_inference = False
 
 try:
     import numba
@@ -280,6 +282,16 @@ def _input_major_codes(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     inside inference mode, so its copy is made again on every call. Call with ``_LOCK`` held.
     """
     if codes.is_inference():
+        global _warned_inference
+        if not _warned_inference:
+            _warned_inference = True
+            warnings.warn(
+                "aqlm_ctx CPU kernels: a layer's codes are inference tensors (made under torch.inference_mode), "
+                "which have no version counter to tell an in-place write: their input-major copy is made on every "
+                "call, about 2x slower; create, load or move the model outside torch.inference_mode",
+                UserWarning,
+                stacklevel=2,
+            )
         return _input_major_copy(codes, codebook_size)
     key = (*_key(codes), codebook_size)
     cached = _INPUT_MAJOR_CODES.get(codes)
