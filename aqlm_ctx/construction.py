@@ -367,23 +367,27 @@ _FACTORIES = _device_constructors()
 
 
 class _MetaByDefault(TorchFunctionMode):
-    """Puts tensors on meta for factory calls without ``device=``, for the context with an open block only."""
+    """Puts tensors on meta for factory calls without ``device=``, for the context whose innermost open block is
+    ``block`` only (another task of the thread, with its own blocks and ``torch.device`` contexts, is not touched)."""
+
+    def __init__(self, block: _Block) -> None:
+        super().__init__()
+        self.block = block
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func in _FACTORIES and kwargs.get("device") is None:
-            block = _innermost_block()
-            if block is not None and block.owner.init_on_meta:
-                kwargs["device"] = "meta"
+        wants_meta = self.block.owner.init_on_meta and func in _FACTORIES and kwargs.get("device") is None
+        if wants_meta and _innermost_block() is self.block:
+            kwargs["device"] = "meta"
         return func(*args, **kwargs)
 
 
-def _push_mode() -> _MetaByDefault:
-    """A new meta-device mode on top of this thread's torch function stack: each block pushes its own, so that, as
-    with ``torch.device`` modes, the innermost of a block and a ``with torch.device(...)`` around it decides."""
-    mode = _MetaByDefault()
+def _push_mode(block: _Block) -> _MetaByDefault:
+    """A new meta-device mode for ``block`` on top of this thread's torch function stack: each block pushes its own,
+    so that, as with ``torch.device`` modes, the innermost of a block and a ``with torch.device(...)`` decides."""
+    mode = _MetaByDefault(block)
     mode.__enter__()
     return mode
 
@@ -559,7 +563,7 @@ class aqlm_quantized:
         block = _Block(self)
         _patches.acquire()
         try:
-            block.mode = _push_mode()
+            block.mode = _push_mode(block)
         except BaseException:
             _patches.release()
             raise

@@ -148,7 +148,7 @@ def test_not_divisible_error_at_block_end_restores(before: State) -> None:
 
 
 def test_failure_while_opening_the_block_restores(before: State, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken() -> None:
+    def broken(block: object) -> None:
         raise Boom("no mode")
 
     monkeypatch.setattr(aqlm_ctx.construction, "_push_mode", broken)

@@ -333,3 +333,31 @@ def test_the_innermost_of_blocks_and_device_contexts_places_tensors() -> None:
             assert torch.empty(1).device.type == "cpu"  # a device context inside the block wins there
     assert {p.device.type for p in library_factory()[1].parameters()} == {"meta"}
     assert {p.device.type for p in nested[1].parameters()} == {"meta"}
+
+
+def test_another_tasks_block_leaves_this_tasks_device_context_alone() -> None:
+    """Task X opens a block and, inside it, ``torch.device("cpu")``; task Y of the same thread then opens a block:
+    X's tensors still go where X's innermost context says (cpu), Y's to meta."""
+
+    async def main() -> tuple[str, str]:
+        y_open, x_done = asyncio.Event(), asyncio.Event()
+
+        async def task_x() -> str:
+            with aqlm_quantized(AqlmConfig()), torch.device("cpu"):
+                await y_open.wait()
+                device = torch.empty(2).device.type
+            x_done.set()
+            return device
+
+        async def task_y() -> str:
+            await asyncio.sleep(0)
+            with aqlm_quantized(AqlmConfig()):
+                y_open.set()
+                device = torch.empty(2).device.type
+                await x_done.wait()
+            return device
+
+        x, y = await asyncio.gather(task_x(), task_y())
+        return x, y
+
+    assert asyncio.run(main()) == ("cpu", "meta")
