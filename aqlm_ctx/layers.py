@@ -164,3 +164,14 @@ def strip_foreign_parameters(module: QuantizedLinear) -> list[str]:
     for name in foreign:
         del module._parameters[name]
     return foreign
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """Ids of the parameters that more than one module of ``model`` holds (tied parameters)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for module in model.modules():
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                (shared if id(parameter) in seen else seen).add(id(parameter))
+    return shared

@@ -13,9 +13,9 @@ from torch import nn
 
 from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
 from .encoding import check_encode_options, encode_linear
-from .layers import indivisible_layers_error, make_all_quantized_in_place, new_quantized_linear
-from .substitutions import substitution_for
-from .visitor import _has_real_tensors, _path_of, _shared_parameters, _substitute, _swaps, select_linear_layers
+from .layers import indivisible_layers_error, make_all_quantized_in_place, new_quantized_linear, shared_parameters
+from .substitutions import SwappedModules
+from .visitor import select_linear_layers
 
 __all__ = ["quantize_weights_"]
 
@@ -174,13 +174,18 @@ def quantize_weights_(
         raise TypeError(f"expected a torch.nn.Module to quantize, got {type(model).__name__}")
     check_encode_options(**encode_options)
     aqlm_config = as_config(config).with_skip(skip)
-    swapped = _substitute(model)
+    swaps = SwappedModules(model)
     try:
-        _fill_substitutions(model, swapped)
+        unfillable = swaps.unfillable(model, "", lambda replacement: True)  # every layer is encoded from weights
+        if unfillable:
+            raise ValueError(
+                "these substituted modules have real weights, but their substitution has no fill to give their "
+                f"layers the original weights (the model was not changed): {', '.join(unfillable)}"
+            )
+        swaps.fill()
         unreached = _encode_in_place(model, aqlm_config, calibration, generator, progress, encode_options)
     except BaseException:  # all or nothing: the substituted modules back (no layer was converted)
-        for parent, name, original in swapped:
-            parent._modules[name] = original
+        swaps.undo()
         raise
     if unreached:
         warnings.warn(
@@ -190,29 +195,6 @@ def quantize_weights_(
             stacklevel=3,  # past torch's inference_mode wrapper: the caller's line
         )
     return model
-
-
-def _fill_substitutions(model: nn.Module, swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
-    """Give the layers of each substituted module (built on meta) the original's real weights.
-
-    Raises:
-        ValueError: a substituted module has real weights but its substitution has no ``fill``.
-    """
-    swaps = _swaps(swapped)
-    unfillable = [
-        f"{type(original).__name__} at {_path_of(model, replacement, '')}"
-        for _, _, original, replacement in swaps
-        if substitution_for(original).fill is None and _has_real_tensors(original)  # type: ignore[union-attr]
-    ]
-    if unfillable:
-        raise ValueError(
-            "these substituted modules have real weights, but their substitution has no fill to give their layers "
-            f"the original weights (the model was not changed): {', '.join(unfillable)}"
-        )
-    for _, _, original, replacement in swaps:
-        fill = substitution_for(original).fill  # type: ignore[union-attr]
-        if fill is not None:
-            fill(original, replacement)
 
 
 def _weight_problem(path: str, weight: torch.Tensor, config: AqlmConfig) -> str | None:
@@ -284,7 +266,7 @@ def _encode_in_place(
             raise kind(f"{paths[0] or '<root>'}: {error}; the model was not changed") from error
         encoded[key] = [nn.Parameter(value, requires_grad=False) for value in tensors]
         bar(paths[0])
-    shared = _shared_parameters(model)
+    shared = shared_parameters(model)
     biases: dict[int, nn.Parameter] = {}
     templates = []
     for linear in targets.values():

@@ -31,6 +31,7 @@ from torch import nn
 __all__ = [
     "FusedExperts",
     "Substitution",
+    "SwappedModules",
     "apply_renames",
     "checkpoint_renames",
     "fused_experts_substitution",
@@ -227,3 +228,72 @@ def renamed_skip(skip: tuple[Any, ...], model: nn.Module) -> tuple[Any, ...]:
     checkpoint tensors, e.g. Mixtral's ``block_sparse_moe``); ``re:`` patterns and callables as they are."""
     renames = checkpoint_renames(model)
     return tuple(apply_renames(p, renames) if isinstance(p, str) and not p.startswith("re:") else p for p in skip)
+
+
+def _has_real_tensors(module: nn.Module) -> bool:
+    return any(not tensor.is_meta for tensor in [*module.parameters(), *module.buffers()])
+
+
+@dataclass(frozen=True)
+class Swapped:
+    """One swap made in an existing model: ``parent._modules[name]`` was ``original`` and is ``replacement``."""
+
+    parent: nn.Module
+    name: str
+    original: nn.Module
+    replacement: nn.Module
+
+
+class SwappedModules:
+    """The registered substitutions swapped into an existing model, replacements built on meta, until undone.
+
+    Used by :func:`aqlm_ctx.replace_linear_layers` and :func:`aqlm_ctx.quantize_weights_`: swap in, then check
+    (:meth:`unfillable`), fill and convert, and on any failure :meth:`undo`.
+
+    Example:
+        >>> swaps = SwappedModules(model)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        replacements: dict[int, nn.Module] = {}
+        self.swaps: list[Swapped] = []
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                substitution = substitution_for(child) if child is not None else None
+                if substitution is None or child is None:
+                    continue
+                if id(child) not in replacements:
+                    with torch.device("meta"):
+                        replacements[id(child)] = substitution.build(child)
+                parent._modules[name] = replacements[id(child)]
+                self.swaps.append(Swapped(parent, name, child, replacements[id(child)]))
+
+    def unique(self) -> list[Swapped]:
+        """Each swap once (a module shared by two parents was replaced once)."""
+        by_original = {id(swap.original): swap for swap in reversed(self.swaps)}  # the first swap of each
+        return [swap for swap in self.swaps if by_original[id(swap.original)] is swap]
+
+    def unfillable(self, model: nn.Module, prefix: str, needs_weights: Callable[[nn.Module], bool]) -> list[str]:
+        """``"Class at path"`` for each swapped module that has real weights, whose substitution has no ``fill`` and
+        whose replacement ``needs_weights``."""
+        paths = {id(module): path for path, module in model.named_modules()}
+        found = []
+        for swap in self.unique():
+            if not _has_real_tensors(swap.original) or not needs_weights(swap.replacement):
+                continue
+            if substitution_for(swap.original).fill is None:  # type: ignore[union-attr]
+                path = ".".join(part for part in (prefix, paths.get(id(swap.replacement), "?")) if part)
+                found.append(f"{type(swap.original).__name__} at {path or '<root>'}")
+        return found
+
+    def fill(self) -> None:
+        """Give each replacement the original's real weights where its substitution can (``fill``)."""
+        for swap in self.unique():
+            fill = substitution_for(swap.original).fill  # type: ignore[union-attr]
+            if fill is not None and _has_real_tensors(swap.original):
+                fill(swap.original, swap.replacement)
+
+    def undo(self) -> None:
+        """Put every original back."""
+        for swap in self.swaps:
+            swap.parent._modules[swap.name] = swap.original

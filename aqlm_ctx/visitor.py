@@ -6,69 +6,22 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
-from .layers import check_divisible, indivisible_layers_error, make_all_quantized_in_place, new_quantized_linear
+from .layers import (
+    check_divisible,
+    indivisible_layers_error,
+    make_all_quantized_in_place,
+    new_quantized_linear,
+    shared_parameters,
+)
 from .matching import SkipMatcher
-from .substitutions import substitution_for
+from .substitutions import SwappedModules
 
 __all__ = ["replace_linear_layers", "replace_with_aqlm_linear", "select_linear_layers"]
 
 logger = logging.getLogger(__name__)
-
-
-def _shared_parameters(model: nn.Module) -> set[int]:
-    """Ids of the parameters that more than one module of ``model`` holds (tied parameters)."""
-    seen: set[int] = set()
-    shared: set[int] = set()
-    for module in model.modules():
-        for parameter in module._parameters.values():
-            if parameter is not None:
-                (shared if id(parameter) in seen else seen).add(id(parameter))
-    return shared
-
-
-def _substitute(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Swap in the registered substitutions (see :mod:`aqlm_ctx.substitutions`), built on meta.
-
-    Returns:
-        ``(parent, name, original)`` for each swap, to undo it.
-    """
-    replacements: dict[int, nn.Module] = {}
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            substitution = substitution_for(child) if child is not None else None
-            if substitution is None or child is None:
-                continue
-            if id(child) not in replacements:
-                with torch.device("meta"):
-                    replacements[id(child)] = substitution.build(child)
-            parent._modules[name] = replacements[id(child)]
-            swapped.append((parent, name, child))
-    return swapped
-
-
-def _swaps(swapped: list[tuple[nn.Module, str, nn.Module]]) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
-    """Each swap once (a module shared by two parents was replaced once), with its replacement."""
-    seen: set[int] = set()
-    unique = []
-    for parent, name, original in swapped:
-        if id(original) not in seen:
-            seen.add(id(original))
-            unique.append((parent, name, original, parent._modules[name]))
-    return unique  # type: ignore[return-value]
-
-
-def _has_real_tensors(module: nn.Module) -> bool:
-    return any(not tensor.is_meta for tensor in [*module.parameters(), *module.buffers()])
-
-
-def _path_of(model: nn.Module, target: nn.Module | None, prefix: str) -> str:
-    path = next((name for name, module in model.named_modules() if module is target), "?")
-    return ".".join(part for part in (prefix, path) if part) or "<root>"
 
 
 def select_linear_layers(
@@ -104,19 +57,14 @@ def _replace(
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module to convert, got {type(model).__name__}")
     aqlm_config = as_config(config).with_skip(skip)
-    swapped = _substitute(model)
+    swaps = SwappedModules(model)
     undo: Callable[[], None] | None = None
     try:  # all or nothing: on any error (a skip callable, KeyboardInterrupt) the model ends untouched
         targets, problems = select_linear_layers(model, aqlm_config, "replace_linear_layers", prefix)
         selected = {id(module) for _, module in targets}
-        swaps = _swaps(swapped)
-        unfillable = [
-            f"{type(original).__name__} at {_path_of(model, replacement, prefix)}"
-            for _, _, original, replacement in swaps
-            if _has_real_tensors(original)
-            and substitution_for(original).fill is None  # type: ignore[union-attr]
-            and any(type(m) is nn.Linear and id(m) not in selected for m in replacement.modules())
-        ]
+        unfillable = swaps.unfillable(  # only layers that stay dense need the original's weights
+            model, prefix, lambda new: any(type(m) is nn.Linear and id(m) not in selected for m in new.modules())
+        )
         if problems:
             raise indivisible_layers_error(problems, aqlm_config, "; the model was not changed")
         if unfillable:
@@ -132,7 +80,7 @@ def _replace(
             )
             for _, module in targets
         ]
-        shared = _shared_parameters(model)
+        shared = shared_parameters(model)
         first_with_weight: dict[int, nn.Module] = {}
         for (_, module), template in zip(targets, templates, strict=True):
             first = first_with_weight.setdefault(id(module.weight), template)
@@ -145,15 +93,11 @@ def _replace(
         undo = make_all_quantized_in_place(
             (module, template) for (_, module), template in zip(targets, templates, strict=True)
         )
-        for _, _, original, replacement in swaps:
-            fill = substitution_for(original).fill  # type: ignore[union-attr]
-            if fill is not None and _has_real_tensors(original):
-                fill(original, replacement)  # layers that stay dense get the original's weights
+        swaps.fill()  # layers that stay dense get the original's weights
     except BaseException:  # the layers back, then the substituted modules
         if undo is not None:
             undo()
-        for parent, name, original in swapped:
-            parent._modules[name] = original
+        swaps.undo()
         raise
     logger.info(
         "replaced %d Linear layers with QuantizedLinear (%s); %d kept dense by skip",
