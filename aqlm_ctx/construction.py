@@ -35,6 +35,9 @@ import wrapt
 from aqlm import QuantizedLinear
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
@@ -299,7 +302,7 @@ class _Block:
                     if param is not None and param is stand_in:
                         module._parameters[name] = weight
         if self.layers:  # a block that built no layer (a nested block built them all) has nothing to report
-            matcher.warn_unused(used, self.owner.name)
+            matcher.warn_unused(used, self.owner._warning_name)
         quantized = sum(not skipped for _, _, skipped in decided)
         logger.info(
             "aqlm_quantized: %d Linear layers built as QuantizedLinear (%s), %d kept dense by skip",
@@ -309,15 +312,14 @@ class _Block:
         )
 
 
+_REPARAMETRIZING_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
+
+
 def _reparametrized(module: nn.Module) -> bool:
     """Whether ``module``'s weight was reparametrized: a parametrization, or a weight-norm, spectral-norm or
     pruning pre-hook (the older APIs, which move the weight to ``weight_g`` / ``weight_orig``)."""
-    from torch.nn.utils.prune import BasePruningMethod
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    hooks = (WeightNorm, SpectralNorm, BasePruningMethod)
-    return parametrize.is_parametrized(module) or any(isinstance(h, hooks) for h in module._forward_pre_hooks.values())
+    hooks = module._forward_pre_hooks.values()
+    return parametrize.is_parametrized(module) or any(isinstance(hook, _REPARAMETRIZING_HOOKS) for hook in hooks)
 
 
 def _fresh(value: Any) -> Any:
@@ -537,7 +539,7 @@ class aqlm_quantized:
         self.config: AqlmConfig = as_config(config).with_skip(skip)
         self.matcher = SkipMatcher(self.config.skip)
         self.init_on_meta = bool(init_on_meta)
-        self.name = "aqlm_quantized"  # what warnings call it (the decorator names its factory)
+        self._warning_name = "aqlm_quantized"  # what warnings call it (@quantize_model names its factory)
 
     def __repr__(self) -> str:
         return f"aqlm_quantized({self.config!r}, init_on_meta={self.init_on_meta})"

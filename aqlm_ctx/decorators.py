@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import wrapt
 from torch import nn
 
-from .config import AqlmConfig, ConfigLike, SkipPattern
+from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
 from .construction import aqlm_quantized
 
 __all__ = ["quantize_model"]
@@ -50,35 +50,42 @@ def quantize_model(
             f"quantize_model needs a config: write @quantize_model(config, skip=[...]) above {name}, "
             "not @quantize_model"
         )
-    validated = aqlm_quantized(config, skip, init_on_meta=init_on_meta)
+    checked = as_config(config).with_skip(skip)  # errors in the config show where the decorator is applied
 
     def decorate(factory: Factory) -> Factory:
         if not callable(factory) and not isinstance(factory, (classmethod, staticmethod)):
             raise TypeError(f"@quantize_model decorates a callable model factory, got {type(factory).__name__}")
-        context = aqlm_quantized(validated.config, init_on_meta=init_on_meta)
+        context = aqlm_quantized(checked, init_on_meta=init_on_meta)
         named = getattr(factory, "__func__", factory)
-        context.name = f"@quantize_model on {getattr(named, '__qualname__', repr(named))}"
+        context._warning_name = f"@quantize_model on {getattr(named, '__qualname__', repr(named))}"
 
         @wrapt.decorator
         def build_quantized(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
             if context._is_innermost():  # the factory calls itself (sub-models): its layers are the outer call's
-                return wrapped(*args, **kwargs)
+                return _checked_model(wrapped, wrapped(*args, **kwargs))
             context._open()
             try:
-                model = wrapped(*args, **kwargs)
+                model = _checked_model(wrapped, wrapped(*args, **kwargs))
             except BaseException:
                 context._close(apply_skips=False)
                 raise
-            if not isinstance(model, nn.Module):
-                context._close(apply_skips=False)
-                name = getattr(wrapped, "__qualname__", repr(wrapped))
-                raise TypeError(
-                    f"{name} is decorated with @quantize_model but returned {type(model).__name__}, "
-                    "not a torch.nn.Module"
-                )
             context._close(apply_skips=True, first_roots=[model])
             return model
 
         return build_quantized(factory)  # type: ignore[return-value]
 
     return decorate
+
+
+def _checked_model(factory: Callable[..., Any], model: Any) -> nn.Module:
+    """``model``, which the decorated ``factory`` returned, if it is a module.
+
+    Raises:
+        TypeError: it is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        name = getattr(factory, "__qualname__", repr(factory))
+        raise TypeError(
+            f"{name} is decorated with @quantize_model but returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model

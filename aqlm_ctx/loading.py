@@ -194,9 +194,12 @@ def _one_device_as_map(device_map: Any) -> Any:
         return {"": device_map}  # a GPU index stays an index, as in a dict (accelerate's form)
     if isinstance(device_map, str):
         try:
-            return {"": torch.device(device_map)}
+            device = torch.device(device_map)
         except RuntimeError:
             return device_map  # not a device name either: _infer_device_map names what is allowed
+        if device.type == "meta":
+            raise ValueError("device_map='meta' would leave the model without weights: name a real device")
+        return {"": device}
     raise TypeError(
         f"device_map must be one of {', '.join(map(repr, _PLACEMENTS))}, a device (0, 'cuda:1', torch.device) or a "
         f"dict of module name to device, got {device_map!r} ({type(device_map).__name__})"

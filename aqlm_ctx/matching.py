@@ -35,7 +35,7 @@ from .config import SkipPattern, _check_skip
 __all__ = ["Resolution", "SkipMatcher", "iter_module_paths"]
 
 _PARAMETER_SUFFIXES = (".weight", ".bias")
-_GLOB_CHARACTERS = frozenset("*?[")
+GLOB_CHARACTERS = frozenset("*?[")  # a pattern with one of these is a glob
 
 
 def _compile(pattern: SkipPattern) -> Callable[[str, nn.Module], bool]:
@@ -48,7 +48,7 @@ def _compile(pattern: SkipPattern) -> Callable[[str, nn.Module], bool]:
         if pattern.endswith(suffix) and len(pattern) > len(suffix):
             pattern = pattern[: -len(suffix)]
             break
-    if _GLOB_CHARACTERS.intersection(pattern):
+    if GLOB_CHARACTERS.intersection(pattern):
         glob = pattern
         return lambda path, module: fnmatch.fnmatchcase(path, glob)
     dotted = "." + pattern

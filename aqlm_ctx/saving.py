@@ -18,12 +18,12 @@ from torch import nn
 
 from .checkpoint import SAFETENSORS, SAFETENSORS_INDEX, write_safetensors
 from .config import AqlmConfig
+from .matching import GLOB_CHARACTERS
 
 __all__ = ["save_checkpoint"]
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
-_GLOB_CHARACTERS = frozenset("*?[")
 _CONFIG = "config.json"
 _GENERATION_CONFIG = "generation_config.json"
 
@@ -150,7 +150,7 @@ def _skip_list(model: nn.Module) -> list[str]:
             continue
         if any(isinstance(inner, QuantizedLinear) for inner in module.modules()):
             continue
-        if path in reached_by_quantized or _GLOB_CHARACTERS.intersection(path):
+        if path in reached_by_quantized or GLOB_CHARACTERS.intersection(path):
             names.append("re:" + re.escape(path))
         else:
             names += [f"{path}.weight", path]
