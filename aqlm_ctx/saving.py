@@ -223,7 +223,8 @@ def save_checkpoint(
 
     Writes ``config.json`` (the transformers config for transformers models, else ``model_config``, with a
     ``quantization_config`` block whose ``linear_weights_not_to_quantize`` lists every dense weight both as
-    ``lm_head.weight`` and as ``lm_head``, the forms transformers 4 and 5 match), ``generation_config.json`` for
+    ``lm_head.weight`` and as ``lm_head``, the forms transformers 4 and 5 match; one whose name, as a suffix, would
+    also match quantized layers as the exact ``re:`` pattern only aqlm_ctx reads), ``generation_config.json`` for
     models that have one, and the tensors as ``model.safetensors`` or, above ``max_shard_size``, as shards with
     ``model.safetensors.index.json``. Tied parameters are stored once; codes are stored in the checkpoint layout even
     after CPU inference with aqlm's own kernels. A save followed by a load is bit-exact. ``torch_dtype`` is the
