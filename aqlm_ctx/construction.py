@@ -73,9 +73,11 @@ class _BuiltLayer:
     own_bias: nn.Parameter | None = None
 
     def drop_placeholder(self) -> nn.Parameter | None:
-        """Remove the stand-in ``weight`` if the module still has it, and return it: its ``requires_grad`` and dtype
-        are what model code made of the layer's weight (``.requires_grad_(False)``, ``.to(torch.bfloat16)``) while
-        it was quantized."""
+        """Remove the stand-ins (``weight``, ``reset_parameters``) if the module still has them, and return the
+        weight: its ``requires_grad`` and dtype are what model code made of the layer's weight
+        (``.requires_grad_(False)``, ``.to(torch.bfloat16)``) while it was quantized."""
+        if self.module.__dict__.get("reset_parameters") is _reset_stand_in:
+            del self.module.__dict__["reset_parameters"]
         placeholder, self.placeholder = self.placeholder, None
         if placeholder is None or self.module._parameters.get("weight") is not placeholder:
             return None
@@ -122,12 +124,15 @@ class _Block:
         else:
             with torch._C.DisableTorchFunction():  # every tensor below names its device: skip Python modes (speed)
                 self._init_quantized(module, in_features, out_features, bias, config.dtype or dtype)
-                # Until the block ends the layer also has the meta ``weight`` a Linear would have, so model code
-                # that looks for it while building (transformers' tie_weights expands tied names against
-                # named_parameters(), a model freezes a sub-module with requires_grad = False) sees a Linear.
-                # Removed by _close.
+                # Until the block ends the layer also has the meta ``weight`` a Linear would have and a no-op
+                # ``reset_parameters``, and no integer ``codes``, so model code that looks at it while building
+                # (transformers' tie_weights expands tied names against named_parameters(), a model freezes a
+                # sub-module, initialises every parameter with nn.init.normal_ or resets a layer) sees a Linear.
+                # The block's end puts the codes in and removes the stand-ins.
                 layer.placeholder = nn.Parameter(torch.empty(out_features, in_features, device="meta", dtype=dtype))
                 module._parameters["weight"] = layer.placeholder
+                module.__dict__["codes"] = module._parameters.pop("codes")  # an attribute (a meta forward works)
+                module.__dict__["reset_parameters"] = _reset_stand_in
                 layer.own_bias = module._parameters["bias"]
             install_kernels(module)
         self.layers.append(layer)  # only once built: a construction that raised (and was caught) is no layer
@@ -255,6 +260,9 @@ class _Block:
                 "while aqlm_quantized built them, when they had no weight of their own; build them outside the "
                 "block, or reparametrize them after it (skipped ones):" + "".join(f"\n  {p}" for p in parametrized)
             )
+        for layer, _, skipped in decided:
+            if not skipped and isinstance(layer.module, QuantizedLinear):
+                _with_codes(layer.module)
         # A layer whose weight was tied to another built layer's (stand-in) weight shares that layer's parameters.
         placeholders = {id(layer.placeholder): layer for layer in self.layers if layer.placeholder is not None}
         skipped_ids = {id(layer.module) for layer, _, skipped in decided if skipped}
@@ -320,6 +328,26 @@ def _reparametrized(module: nn.Module) -> bool:
     pruning pre-hook (the older APIs, which move the weight to ``weight_g`` / ``weight_orig``)."""
     hooks = module._forward_pre_hooks.values()
     return parametrize.is_parametrized(module) or any(isinstance(hook, _REPARAMETRIZING_HOOKS) for hook in hooks)
+
+
+def _reset_stand_in() -> None:
+    """``reset_parameters`` of a layer while its block is open: it has nothing to reset (all on meta)."""
+
+
+def _with_codes(module: QuantizedLinear) -> None:
+    """Make the ``codes`` a layer carried as a plain attribute while its block was open a parameter again (after
+    ``codebooks``, as aqlm orders them), unless it has some (a layer that was given another's)."""
+    codes = module.__dict__.pop("codes", None)
+    parameters = module._parameters
+    if "codes" in parameters or codes is None:
+        return
+    items = list(parameters.items())
+    parameters.clear()
+    for name, value in items:
+        parameters[name] = value
+        if name == "codebooks":
+            parameters["codes"] = codes
+    parameters.setdefault("codes", codes)
 
 
 def _fresh(value: Any) -> Any:
@@ -491,9 +519,13 @@ class aqlm_quantized:
     When the block ends, skip patterns are applied relative to the model each layer ended up in (the top-most
     module built or attached to inside the block); skipped layers become dense ``nn.Linear`` on meta again, in
     place, keeping a ``weight`` the model tied to them. A pattern that matched no module is reported in a warning.
-    While the block is open each quantized layer also carries a meta ``weight`` stand-in, so model code that looks
-    for it during construction (transformers' tied-weight expansion, freezing a sub-module) works as with a Linear;
-    it is removed when the block ends (layers tied to another layer's weight then share its codes).
+    While the block is open each quantized layer also carries a meta ``weight`` stand-in and a no-op
+    ``reset_parameters``, and keeps its integer ``codes`` out of its parameters, so model code that looks at it
+    during construction (transformers' tied-weight expansion, freezing a sub-module, ``nn.init.normal_`` on every
+    parameter, resetting a layer) works as with a Linear; when the block ends the stand-ins go and the codes become a
+    parameter again (layers tied to another layer's weight then share its codes). Code that dispatches on
+    ``isinstance(layer, nn.Linear)`` while building sees a QuantizedLinear, though: convert such models with
+    :func:`aqlm_ctx.replace_linear_layers`.
 
     Device and dtype: ``device=`` passed to an ``nn.Linear`` is ignored for quantized layers (they have no codes
     until a checkpoint is loaded; :func:`aqlm_ctx.load_checkpoint` places them) and used for skipped ones;
@@ -591,5 +623,7 @@ class aqlm_quantized:
             if apply_skips:
                 block.finish(first_roots)
         finally:
-            for layer in block.layers:  # layers no root reached, or a failed block: no stand-in weight stays behind
+            for layer in block.layers:  # layers no root reached, or a failed block: no stand-in stays behind
                 layer.drop_placeholder()
+                if isinstance(layer.module, QuantizedLinear):
+                    _with_codes(layer.module)

@@ -476,3 +476,31 @@ def test_a_bias_shared_with_a_skipped_layer_stays_shared() -> None:
     assert type(built.a) is nn.Linear and type(built.b) is QuantizedLinear
     assert built.b.bias is built.a.bias
     assert signature(built) == signature(visited)
+
+
+def test_build_time_code_that_initialises_every_parameter_or_resets_layers_works() -> None:
+    """While the block is open a quantized layer shows model code what a Linear would: float parameters only (the
+    integer codes join when the block ends), a ``reset_parameters``, and a meta forward that runs."""
+
+    class InitEverything(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.fc = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 32)
+            for parameter in self.parameters():
+                if parameter.dim() > 1:
+                    nn.init.xavier_normal_(parameter)
+                else:
+                    nn.init.normal_(parameter)
+            self.fc.reset_parameters()
+            self.width = self.head(self.fc(torch.empty(1, 16))).shape[-1]  # a dummy forward on meta
+
+    with aqlm_quantized(CONFIG, skip=["head"]):
+        built = InitEverything()
+    with torch.device("meta"):
+        visited = replace_linear_layers(InitEverything(), CONFIG, skip=["head"])
+    assert signature(built) == signature(visited) and built.width == 32
+    assert list(built.fc._parameters) == ["codebooks", "codes", "scales", "bias"]
+    assert "reset_parameters" not in vars(built.fc) and "codes" not in vars(built.fc)
+    assert type(built.head) is nn.Linear and "reset_parameters" not in vars(built.head)
