@@ -530,13 +530,14 @@ class aqlm_quantized:
     Device and dtype: ``device=`` passed to an ``nn.Linear`` is ignored for quantized layers (they have no codes
     until a checkpoint is loaded; :func:`aqlm_ctx.load_checkpoint` places them) and used for skipped ones;
     ``dtype=`` is used for codebooks, scales and bias unless ``config.dtype`` is set (a ``.to(dtype)`` of the model
-    inside the block reaches both). Other factory calls with an explicit ``device=`` keep it. With
-    ``init_on_meta=False`` a skipped layer gets ``nn.Linear``'s default initialisation when the block ends: what
-    the model's own code initialised inside the block was the quantized layer's stand-in, so load the layer's
-    weights or initialise it after the block. A layer reparametrized inside the block (``weight_norm``,
-    ``spectral_norm``, pruning) is refused. A ``copy.deepcopy`` of a layer made inside the block counts as built
-    there once it is attached to a model of the block (``nn.TransformerEncoder``'s clones); copy a whole model after
-    the block ends.
+    inside the block reaches both). Other factory calls with an explicit ``device=`` keep it, and a
+    ``with torch.device(...)`` inside the block wins where it applies (``torch.set_default_device`` does not: the
+    block's meta default sits above it). With ``init_on_meta=False`` a skipped layer gets ``nn.Linear``'s default
+    initialisation when the block ends: what the model's own code initialised inside the block was the quantized
+    layer's stand-in, so load the layer's weights or initialise it after the block. A layer reparametrized inside
+    the block (``weight_norm``, ``spectral_norm``, pruning) is refused. A ``copy.deepcopy`` of a layer made inside
+    the block counts as built there once it is attached to a model of the block (``nn.TransformerEncoder``'s
+    clones); copy a whole model after the block ends.
 
     Scope: only the thread or asyncio task that entered the block, and asyncio tasks it starts inside the block, are
     affected, and only while the block is open; others building models at the same time get ordinary layers, and
