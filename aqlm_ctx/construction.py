@@ -125,13 +125,13 @@ class _Block:
             with torch._C.DisableTorchFunction():  # every tensor below names its device: skip Python modes (speed)
                 self._init_quantized(module, in_features, out_features, bias, config.dtype or dtype)
                 # Until the block ends the layer also has the meta ``weight`` a Linear would have and a no-op
-                # ``reset_parameters``, and no integer ``codes``, so model code that looks at it while building
-                # (transformers' tie_weights expands tied names against named_parameters(), a model freezes a
-                # sub-module, initialises every parameter with nn.init.normal_ or resets a layer) sees a Linear.
-                # The block's end puts the codes in and removes the stand-ins.
+                # ``reset_parameters``, and its integer ``codes`` are a buffer, so model code that looks at it
+                # while building (transformers' tie_weights expands tied names against named_parameters(), a model
+                # freezes a sub-module, initialises every parameter with nn.init.normal_ or resets a layer) sees a
+                # Linear. The block's end makes the codes a parameter again and removes the stand-ins.
                 layer.placeholder = nn.Parameter(torch.empty(out_features, in_features, device="meta", dtype=dtype))
                 module._parameters["weight"] = layer.placeholder
-                module.__dict__["codes"] = module._parameters.pop("codes")  # an attribute (a meta forward works)
+                module._buffers["codes"] = cast(nn.Parameter, module._parameters.pop("codes")).data  # moves with .to()
                 module.__dict__["reset_parameters"] = _reset_stand_in
                 layer.own_bias = module._parameters["bias"]
             install_kernels(module)
@@ -164,6 +164,7 @@ class _Block:
     def _copies(self, roots: list[nn.Module]) -> list[_BuiltLayer]:
         """Deep copies of built layers under ``roots``: QuantizedLinear layers that carry a meta stand-in weight."""
         known = {id(layer.module) for layer in self.layers}
+        placeholders = {id(layer.placeholder) for layer in self.layers if layer.placeholder is not None}
         device = torch.device("meta") if self.owner.init_on_meta else torch.get_default_device()
         copies = []
         for root in roots:
@@ -176,7 +177,11 @@ class _Block:
                 known.add(id(module))
                 in_features, out_features = cast(int, module.in_features), cast(int, module.out_features)
                 layer = _BuiltLayer(module, in_features, out_features, weight.dtype, device, "a copy made in the block")
-                layer.placeholder, layer.own_bias = weight, module._parameters.get("bias")
+                # A copy whose weight is another layer's stand-in is tied to that layer (b = deepcopy(a);
+                # b.weight = a.weight), not the owner of that stand-in.
+                layer.placeholder = None if id(weight) in placeholders else weight
+                layer.own_bias = module._parameters.get("bias")
+                placeholders.add(id(weight))
                 copies.append(layer)
         return copies
 
@@ -263,14 +268,20 @@ class _Block:
         for layer, _, skipped in decided:
             if not skipped and isinstance(layer.module, QuantizedLinear):
                 _with_codes(layer.module)
-        # A layer whose weight was tied to another built layer's (stand-in) weight shares that layer's parameters.
+        # Layers whose weight was tied to a built layer's (stand-in) weight form a group with it, that layer first:
+        # as with the visitor, the group's quantized layers share one set of codes and its dense layers one weight.
         placeholders = {id(layer.placeholder): layer for layer in self.layers if layer.placeholder is not None}
+        groups: dict[int, list[_BuiltLayer]] = {}
+        for layer, _, _ in decided:
+            owner = placeholders.get(id(layer.module._parameters.get("weight")))
+            if owner is not None and owner is not layer:
+                groups.setdefault(id(owner), [owner]).append(layer)
         skipped_ids = {id(layer.module) for layer, _, skipped in decided if skipped}
-        tied_to = {
-            id(layer.module): owner
-            for layer, _, _ in decided
-            if (owner := placeholders.get(id(layer.module._parameters.get("weight")))) not in (None, layer)
-        }
+        grouped = {id(member.module) for group in groups.values() for member in group}
+        codes_from: dict[int, _BuiltLayer] = {}  # a quantized group member -> the first quantized one
+        for group in groups.values():
+            kept = [member for member in group if id(member.module) not in skipped_ids]
+            codes_from.update((id(member.module), kept[0]) for member in kept[1:])
         # id -> (a stand-in weight or old bias, what replaces it)
         dense_weights: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
         for layer, path, skipped in decided:
@@ -278,6 +289,7 @@ class _Block:
             placeholder = layer.drop_placeholder()
             if skipped:
                 if isinstance(layer.module, QuantizedLinear):
+                    layer.module._buffers.pop("codes", None)
                     tied_bias = layer.module._parameters.get("bias") is not layer.own_bias
                     dtype = placeholder.dtype if placeholder is not None else layer.dtype
                     requires_grad = placeholder is None or placeholder.requires_grad
@@ -287,22 +299,25 @@ class _Block:
                     if not tied_bias and layer.own_bias is not None:  # another layer may hold its old bias
                         dense_weights[id(layer.own_bias)] = (layer.own_bias, layer.module._parameters["bias"])
                 continue
-            owner = tied_to.get(id(layer.module))
-            if owner is not None and id(owner.module) not in skipped_ids:
-                del layer.module._parameters["weight"]
-                for name in ("codebooks", "codes", "scales"):
-                    layer.module._parameters[name] = owner.module._parameters[name]
+            if id(layer.module) in grouped:  # tied to a stand-in weight: the group shares codes instead
+                layer.module._parameters.pop("weight", None)
+                source = codes_from.get(id(layer.module))
+                for name in ("codebooks", "codes", "scales") if source is not None else ():
+                    layer.module._parameters[name] = source.module._parameters[name]  # type: ignore[union-attr]
             if foreign := strip_foreign_parameters(layer.module):
                 logger.info("%s: dropped %s assigned to a quantized layer (ties are undone)", path, foreign)
-        for layer, _, _ in decided:  # a dense layer tied to another's weight: the other's final weight
-            owner = tied_to.get(id(layer.module))
-            if owner is not None and isinstance(layer.module, nn.Linear):
-                if isinstance(owner.module, nn.Linear):
-                    layer.module._parameters["weight"] = owner.module._parameters["weight"]
-                else:  # tied to a layer that is quantized: its own dense weight
-                    layer.module._parameters["weight"] = nn.Parameter(
-                        torch.empty(layer.out_features, layer.in_features, device=layer.device, dtype=layer.dtype)
-                    )
+        for group in groups.values():  # the group's dense layers: the first one's final weight, or one new weight
+            dense = [member for member in group if isinstance(member.module, nn.Linear)]
+            if not dense:
+                continue
+            lead = dense[0]
+            weight = lead.module._parameters.get("weight")  # the owner's new weight, if the owner is dense
+            if lead is not group[0] or weight is None:
+                weight = nn.Parameter(
+                    torch.empty(lead.out_features, lead.in_features, device=lead.device, dtype=lead.dtype)
+                )
+            for member in dense:
+                member.module._parameters["weight"] = weight
         if dense_weights:  # other modules holding a skipped layer's stand-in or old bias (nanoGPT's wte.weight)
             for module in {id(m): m for root in roots for m in root.modules()}.values():
                 for name, param in module._parameters.items():
@@ -335,12 +350,13 @@ def _reset_stand_in() -> None:
 
 
 def _with_codes(module: QuantizedLinear) -> None:
-    """Make the ``codes`` a layer carried as a plain attribute while its block was open a parameter again (after
+    """Make the ``codes`` a layer carried as a buffer while its block was open a parameter again (after
     ``codebooks``, as aqlm orders them), unless it has some (a layer that was given another's)."""
-    codes = module.__dict__.pop("codes", None)
+    buffer = module._buffers.pop("codes", None)
     parameters = module._parameters
-    if "codes" in parameters or codes is None:
+    if "codes" in parameters or buffer is None:
         return
+    codes = nn.Parameter(buffer, requires_grad=False)
     items = list(parameters.items())
     parameters.clear()
     for name, value in items:
@@ -628,3 +644,5 @@ class aqlm_quantized:
                 layer.drop_placeholder()
                 if isinstance(layer.module, QuantizedLinear):
                     _with_codes(layer.module)
+                else:
+                    layer.module._buffers.pop("codes", None)

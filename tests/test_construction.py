@@ -504,3 +504,71 @@ def test_build_time_code_that_initialises_every_parameter_or_resets_layers_works
     assert list(built.fc._parameters) == ["codebooks", "codes", "scales", "bias"]
     assert "reset_parameters" not in vars(built.fc) and "codes" not in vars(built.fc)
     assert type(built.head) is nn.Linear and "reset_parameters" not in vars(built.head)
+
+
+class _ThreeTied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.c = nn.Linear(16, 16)
+        self.b.weight = self.c.weight = self.a.weight
+
+
+class _TiedCopy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = copy.deepcopy(self.a)
+        self.b.weight = self.a.weight
+
+
+class _ClonedTiedPairs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        pair = nn.Module()
+        pair.p = nn.Linear(16, 16)
+        pair.q = nn.Linear(16, 16)
+        pair.q.weight = pair.p.weight
+        self.blocks = nn.ModuleList([copy.deepcopy(pair) for _ in range(2)])
+
+
+@pytest.mark.parametrize(
+    ("make", "skip"),
+    [
+        (_ThreeTied, []),
+        (_ThreeTied, ["a"]),  # the owner dense: b and c share codes
+        (_ThreeTied, ["b", "c"]),  # the owner quantized: b and c share one dense weight
+        (_ThreeTied, ["a", "c"]),
+        (_TiedCopy, []),
+        (_TiedCopy, ["b"]),
+        (_ClonedTiedPairs, []),
+        (_ClonedTiedPairs, ["q"]),
+    ],
+)
+def test_layers_sharing_one_weight_agree_with_the_visitor_under_any_skip(
+    make: type[nn.Module], skip: list[str]
+) -> None:
+    with aqlm_quantized(CONFIG, skip=skip):
+        built = make()
+    with torch.device("meta"):
+        visited = replace_linear_layers(make(), CONFIG, skip=skip)
+    assert signature(built) == signature(visited)
+    for module in built.modules():  # no stand-in, and no codes buffer, is left behind
+        assert "codes" not in module._buffers and "reset_parameters" not in vars(module)
+        if type(module) is nn.Linear:
+            assert not hasattr(module, "codes")
+
+
+def test_to_empty_inside_the_block_moves_the_codes_too() -> None:
+    class Materialised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            self.to_empty(device="cpu")
+
+    with aqlm_quantized(CONFIG):
+        model = Materialised()
+    assert {name: tensor.device.type for name, tensor in model.named_parameters()} == dict.fromkeys(
+        ["a.codebooks", "a.codes", "a.scales", "a.bias"], "cpu"
+    )
