@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from torch import nn
 
 from .checkpoint import TensorReader, find_checkpoint_files, open_checkpoint, pickle_only
 from .config import AqlmConfig, read_checkpoint_config
+from .loading import check_checkpoint
 from .matching import SkipMatcher
 from .substitutions import renamed_skip
 
@@ -117,14 +119,17 @@ def _layer_bits(reader: TensorReader, module: str, config: AqlmConfig) -> tuple[
     return bits, out_groups * in_groups * group[0] * group[1]
 
 
-def _skeleton(path: Path, model_config: dict[str, Any], config: AqlmConfig) -> nn.Module | None:
-    """The architecture's skeleton on meta, if transformers exports the class the config names."""
-    from .loading import _build_transformers_model
+def _skeleton(path: Path, model_config: dict[str, Any], config: AqlmConfig, allow_pickle: bool) -> nn.Module | None:
+    """The architecture's skeleton on meta as from_pretrained builds it, if transformers exports the class the
+    config names."""
+    from .loading import _build_transformers_model, _quantize_stored_linear_subclasses
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _build_transformers_model(path, model_config, config, dtype=torch.float16)
+            model = _build_transformers_model(path, model_config, config, dtype=torch.float16)
+            _quantize_stored_linear_subclasses(model, path, config, allow_pickle)
+            return model
     except Exception:
         return None
 
@@ -159,16 +164,22 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[
     config = _parse_config(directory / "config.json", block)
     architecture = _architecture(directory / "config.json", model_config)
     files = find_checkpoint_files(directory, allow_pickle=allow_pickle)
+    if not files.files:
+        raise ValueError(f"{directory} lists no weight files")
+    skeleton = _skeleton(directory, model_config, config, allow_pickle)
     code_bits = weights = 0
     with open_checkpoint(files) as reader:
         names = reader.names()
         name_set = set(names)
         quantized = _check_parts_present(name_set)
+        if not quantized:
+            raise ValueError(f"{directory} holds no quantized layer (no .codes tensors), although its config is AQLM")
         for module in quantized:
             bits, count = _layer_bits(reader, module, config)
             code_bits, weights = code_bits + bits, weights + count
         dense = [module for module in _dense_layers(reader, names) if _name(module, "codes") not in name_set]
-    skeleton = _skeleton(directory, model_config, config)
+        if skeleton is not None:  # what from_pretrained would find: missing, unexpected or mismatched tensors
+            check_checkpoint(skeleton, reader, str(directory), config)
     matcher = SkipMatcher(renamed_skip(config.skip, skeleton) if skeleton is not None else config.skip)
     found = matcher.resolve(skeleton if skeleton is not None else _module_paths_from_names(names))
     unmatched = [p for index, p in enumerate(config.skip) if index not in found.used]
@@ -248,11 +259,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = _inspect_for_cli(args.path, args.allow_pickle)
     except (OSError, ValueError) as error:
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        print(f"aqlm-ctx: error: {args.path} is not a readable AQLM checkpoint: {first_line}", file=sys.stderr)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        first_line = " ".join(lines[:3]) if lines[0].endswith(":") else lines[0]  # a heading: with its first items
+        print(f"aqlm-ctx: error: {args.path!r} is not a readable AQLM checkpoint: {first_line}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        _print_report(report)
+    try:
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            _print_report(report)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, also at the exit-time flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -430,24 +430,22 @@ def load_tensors(
     return _load(model, MappingReader(tensors), "tensors", None, device, device_map, max_memory, dtype, strict, None)
 
 
-@torch.inference_mode(False)  # loaded tensors are ordinary ones (version counters), also under inference_mode
-def _load(
+def check_checkpoint(
     model: nn.Module,
     reader: TensorReader | MappingReader,
     source_name: str,
     checkpoint_config: AqlmConfig | None,
-    device: DeviceLike | None,
-    device_map: DeviceMap | None,
-    max_memory: Mapping[Any, Any] | None,
-    dtype: torch.dtype | str | None,
-    strict: bool,
-    rebuild: Callable[[], nn.Module] | None,
-) -> nn.Module:
-    if device is not None and (device_map is not None or max_memory is not None):
-        raise ValueError("pass either device or device_map/max_memory, not both")
-    target_dtype = _parse_dtype(dtype)
+    strict: bool = True,
+    slots: list[_Slot] | None = None,
+) -> dict[int, str]:
+    """Check that the tensors ``reader`` holds fit ``model`` (names, shapes, code dtypes, the quantized layers'
+    format) without reading their data; the checkpoint name of each slot's tensor.
+
+    Raises:
+        ValueError: the problems, one per line: missing tensors, unexpected ones (with ``strict``), mismatches.
+    """
+    slots = slots if slots is not None else list(_slots(model).values())
     problems = _check_quantized_layers(model, checkpoint_config)
-    slots = list(_slots(model).values())
     modules = dict(model.named_modules(remove_duplicate=False))
     stored = _model_names(reader.names(), checkpoint_renames(model), problems)
     names = set(stored)
@@ -480,6 +478,27 @@ def _load(
         raise ValueError(f"cannot load {source_name} into {type(model).__name__}:" + _listing(problems))
     if unexpected:
         logger.warning("ignored %d unexpected tensors in %s:%s", len(unexpected), source_name, _listing(unexpected))
+    return sources
+
+
+@torch.inference_mode(False)  # loaded tensors are ordinary ones (version counters), also under inference_mode
+def _load(
+    model: nn.Module,
+    reader: TensorReader | MappingReader,
+    source_name: str,
+    checkpoint_config: AqlmConfig | None,
+    device: DeviceLike | None,
+    device_map: DeviceMap | None,
+    max_memory: Mapping[Any, Any] | None,
+    dtype: torch.dtype | str | None,
+    strict: bool,
+    rebuild: Callable[[], nn.Module] | None,
+) -> nn.Module:
+    if device is not None and (device_map is not None or max_memory is not None):
+        raise ValueError("pass either device or device_map/max_memory, not both")
+    target_dtype = _parse_dtype(dtype)
+    slots = list(_slots(model).values())
+    sources = check_checkpoint(model, reader, source_name, checkpoint_config, strict, slots)
 
     if device_map is None and max_memory is not None:
         device_map = "auto"

@@ -164,6 +164,33 @@ SINGLE_CASES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
         lambda d: edit_json(d / "config.json", lambda c: c.update(architectures="LlamaForCausalLM")),
         ("config.json: 'architectures' must be a list of class names",),
     ),
+    # What from_pretrained would refuse, found against the architecture's skeleton:
+    "zero-rows": (
+        _layer(
+            lambda t: t.update(
+                {f"{LAYER}.codes": t[f"{LAYER}.codes"][:0].contiguous(), f"{LAYER}.scales": t[f"{LAYER}.scales"][:0]}
+            )
+        ),
+        ("cannot load", f"{LAYER}.codes: shape [0, 8, 2] in the checkpoint, the model expects [128, 8, 2]"),
+    ),
+    "skip-contradicts-codes": (
+        lambda d: edit_json(
+            d / "config.json", lambda c: c["quantization_config"]["linear_weights_not_to_quantize"].append("mlp")
+        ),
+        ("missing from the checkpoint:", "model.layers.0.mlp.gate_proj.weight"),
+    ),
+    "all-dense": (
+        _layer(lambda t: [t.pop(name) for name in [n for n in t if n.endswith((".codes", ".codebooks", ".scales"))]]),
+        ("holds no quantized layer (no .codes tensors), although its config is AQLM",),
+    ),
+    "no-quant-method": (
+        lambda d: edit_json(d / "config.json", lambda c: c["quantization_config"].pop("quant_method")),
+        ("has no AQLM quantization config", "found a 'quantization_config' block without quant_method"),
+    ),
+    "deep-json": (
+        lambda d: (d / "config.json").write_text("[" * 100_000 + "]" * 100_000),
+        ("config.json is not valid JSON",),
+    ),
 }
 
 
@@ -275,3 +302,21 @@ def test_a_checkpoint_of_one_layer(tmp_path: Path, capsys: pytest.CaptureFixture
     aqlm_ctx.save_checkpoint(layer, tmp_path)
     assert main(["inspect", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quantized_layers"] == 1
+
+
+def test_output_piped_to_a_reader_that_leaves_early_is_no_error(checkpoint: Path) -> None:
+    """``aqlm-ctx inspect ... | head -1``: the rest of the report goes nowhere, quietly, with exit status 0."""
+    command = [sys.executable, "-m", "aqlm_ctx", "inspect", "--json", str(checkpoint)]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.readline()
+        process.stdout.close()
+        err = process.stderr.read().decode()
+    assert process.returncode == 0 and "Traceback" not in err, err
+
+
+def test_a_path_with_a_newline_stays_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_inspect(capsys, str(tmp_path / "new\nline"))
+    assert_one_line_error(code, err, ("'", "new\\nline"))
