@@ -64,6 +64,8 @@ def _corrupt(file: Path, error: Exception) -> ValueError:
 
 
 def _safetensors_keys(file: Path) -> list[str]:
+    with open(file, "rb"):  # a file the process cannot open raises its own OSError (PermissionError), not "corrupt"
+        pass
     try:
         with safe_open(file, framework="pt") as handle:
             return list(handle.keys())

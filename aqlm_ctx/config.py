@@ -166,8 +166,10 @@ class AqlmConfig:
         groups = f"g{self.in_group_size}" + (f"x{self.out_group_size}" if self.out_group_size > 1 else "")
         return f"{self.num_codebooks}x{self.nbits_per_codebook} {groups}"
 
-    def same_format(self, other: AqlmConfig) -> bool:
-        """Whether ``other`` stores layers the same way (the four format fields agree)."""
+    def same_format(self, other: ConfigLike) -> bool:
+        """Whether ``other`` (anything :func:`as_config` accepts) stores layers the same way (the four format fields
+        agree)."""
+        other = as_config(other)
         return all(getattr(self, name) == getattr(other, name) for name in _FORMAT_FIELDS)
 
     def replace(self, **changes: Any) -> AqlmConfig:
@@ -263,17 +265,18 @@ def read_checkpoint_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any]
         )
     try:
         model_config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ValueError(f"{file} is not valid JSON: {error}") from error
     if not isinstance(model_config, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(model_config).__name__}")
     block = model_config.get("quantization_config")
     if block is None and isinstance(model_config.get("aqlm"), dict):
         block = {"quant_method": "aqlm", **model_config["aqlm"]}
-    if not isinstance(block, dict):
+    if not isinstance(block, dict) or "quant_method" not in block:
+        found = "a 'quantization_config' block without quant_method" if isinstance(block, dict) else "none"
         raise ValueError(
             f"{file} has no AQLM quantization config: expected a 'quantization_config' block with "
-            "quant_method 'aqlm' (or a legacy top-level 'aqlm' block)"
+            f"quant_method 'aqlm' (or a legacy top-level 'aqlm' block), found {found}"
         )
     method = _other_quant_method(block)
     if method is not None:

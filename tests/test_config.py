@@ -178,3 +178,11 @@ def test_from_dict_drops_the_converters_bias_entries_of_quantized_layers() -> No
         "score.bias",
     )
     assert AqlmConfig(skip=["q_proj.bias"]).skip == ("q_proj.bias",)  # patterns given directly keep their meaning
+
+
+def test_same_format_takes_any_config_form() -> None:
+    config = AqlmConfig(num_codebooks=2, nbits_per_codebook=8)
+    assert config.same_format({"quant_method": "aqlm", "num_codebooks": 2, "nbits_per_codebook": 8})
+    assert not config.same_format({"quant_method": "aqlm"})
+    with pytest.raises(TypeError, match="expected an AqlmConfig"):
+        config.same_format(42)
