@@ -41,7 +41,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
+from .config import _FORMAT_FIELDS, AqlmConfig, ConfigLike, SkipPattern, as_config
 from .kernels import install_kernels
 from .layers import (
     check_divisible,
@@ -71,6 +71,7 @@ class _BuiltLayer:
     source: str
     placeholder: nn.Parameter | None = None
     own_bias: nn.Parameter | None = None
+    has_codes_buffer: bool = False  # this library moved the layer's codes into a buffer while its block is open
 
     def drop_placeholder(self) -> nn.Parameter | None:
         """Remove the stand-ins (``weight``, ``reset_parameters``) if the module still has them, and return the
@@ -132,6 +133,7 @@ class _Block:
                 layer.placeholder = nn.Parameter(torch.empty(out_features, in_features, device="meta", dtype=dtype))
                 module._parameters["weight"] = layer.placeholder
                 module._buffers["codes"] = cast(nn.Parameter, module._parameters.pop("codes")).data  # moves with .to()
+                layer.has_codes_buffer = True
                 module.__dict__["reset_parameters"] = _reset_stand_in
                 layer.own_bias = module._parameters["bias"]
             install_kernels(module)
@@ -163,13 +165,13 @@ class _Block:
 
     def _copies(self, roots: list[nn.Module]) -> list[_BuiltLayer]:
         """Deep copies of built layers under ``roots``: QuantizedLinear layers that carry a meta stand-in weight."""
-        known = {id(layer.module) for layer in self.layers}
+        known = {id(layer.module) for layer in self.layers} | _layers_of_open_blocks()  # an outer block's are its own
         placeholders = {id(layer.placeholder) for layer in self.layers if layer.placeholder is not None}
         device = torch.device("meta") if self.owner.init_on_meta else torch.get_default_device()
         copies = []
         for root in roots:
             for module in root.modules():
-                if type(module) is not QuantizedLinear or id(module) in known:
+                if type(module) is not QuantizedLinear or id(module) in known or not _block_open(module):
                     continue
                 weight = module._parameters.get("weight")
                 if not isinstance(weight, nn.Parameter) or not weight.is_meta:
@@ -180,10 +182,31 @@ class _Block:
                 # A copy whose weight is another layer's stand-in is tied to that layer (b = deepcopy(a);
                 # b.weight = a.weight), not the owner of that stand-in.
                 layer.placeholder = None if id(weight) in placeholders else weight
-                layer.own_bias = module._parameters.get("bias")
+                layer.own_bias, layer.has_codes_buffer = module._parameters.get("bias"), "codes" in module._buffers
                 placeholders.add(id(weight))
                 copies.append(layer)
         return copies
+
+    def close_stand_ins(self) -> None:
+        """After the block (finished or failed): no layer it built, nor a copy of one, keeps a stand-in weight, the
+        no-op ``reset_parameters`` or its codes as a buffer."""
+        stand_ins = {id(layer.placeholder) for layer in self.layers if layer.placeholder is not None}
+        for layer in self.layers:
+            layer.drop_placeholder()
+            if isinstance(layer.module, QuantizedLinear):
+                _with_codes(layer)
+                weight = layer.module._parameters.get("weight")
+                if weight is not None and id(weight) in stand_ins:  # tied to another layer's stand-in
+                    del layer.module._parameters["weight"]
+        roots = [*self.parents.values(), *(layer.module for layer in self.layers)]
+        others = _layers_of_open_blocks()  # an enclosing block still open finishes its own layers
+        for module in {id(m): m for root in roots for m in root.modules()}.values():
+            if _block_open(module) and id(module) not in others:  # a copy no root reached, or of a failed block
+                del module.__dict__["reset_parameters"]
+                _codes_to_parameter(module)
+                weight = module._parameters.get("weight")
+                if weight is not None and weight.is_meta:  # its stand-in weight (a copy of one)
+                    del module._parameters["weight"]
 
     def note_registration(self, parent: nn.Module, child: nn.Module) -> None:
         self.parents.pop(id(parent), None)
@@ -253,6 +276,17 @@ class _Block:
         ]
         if problems:
             raise indivisible_layers_error(problems, config)
+        renamed = [
+            _where(path, layer)
+            for layer, path, skipped in decided
+            if not skipped and layer.has_codes_buffer and _codes_buffer(layer.module) is None
+        ]
+        if renamed:
+            raise ValueError(
+                "model code gave these layers, which aqlm_quantized built as QuantizedLinear, a 'codes' buffer or "
+                "attribute of its own (a quantized layer's codes have that name); rename it, or skip the layer:"
+                + "".join(f"\n  {p}" for p in renamed)
+            )
         parametrized = [
             _where(path, layer)
             for layer, path, _ in decided
@@ -267,21 +301,25 @@ class _Block:
             )
         for layer, _, skipped in decided:
             if not skipped and isinstance(layer.module, QuantizedLinear):
-                _with_codes(layer.module)
+                _with_codes(layer)
         # Layers whose weight was tied to a built layer's (stand-in) weight form a group with it, that layer first:
         # as with the visitor, the group's quantized layers share one set of codes and its dense layers one weight.
         placeholders = {id(layer.placeholder): layer for layer in self.layers if layer.placeholder is not None}
         groups: dict[int, list[_BuiltLayer]] = {}
+        shared_stand_ins: dict[int, nn.Parameter] = {}  # group -> the stand-in weight its members share
         for layer, _, _ in decided:
             owner = placeholders.get(id(layer.module._parameters.get("weight")))
             if owner is not None and owner is not layer:
                 groups.setdefault(id(owner), [owner]).append(layer)
+                shared_stand_ins[id(owner)] = cast(nn.Parameter, owner.placeholder)
         skipped_ids = {id(layer.module) for layer, _, skipped in decided if skipped}
         grouped = {id(member.module) for group in groups.values() for member in group}
         codes_from: dict[int, _BuiltLayer] = {}  # a quantized group member -> the first quantized one
         for group in groups.values():
             kept = [member for member in group if id(member.module) not in skipped_ids]
-            codes_from.update((id(member.module), kept[0]) for member in kept[1:])
+            codes_from.update(
+                (id(member.module), kept[0]) for member in kept[1:] if _format(member.module) == _format(kept[0].module)
+            )
         # id -> (a stand-in weight or old bias, what replaces it)
         dense_weights: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
         for layer, path, skipped in decided:
@@ -289,7 +327,8 @@ class _Block:
             placeholder = layer.drop_placeholder()
             if skipped:
                 if isinstance(layer.module, QuantizedLinear):
-                    layer.module._buffers.pop("codes", None)
+                    if layer.has_codes_buffer and _codes_buffer(layer.module) is not None:
+                        del layer.module._buffers["codes"]
                     tied_bias = layer.module._parameters.get("bias") is not layer.own_bias
                     dtype = placeholder.dtype if placeholder is not None else layer.dtype
                     requires_grad = placeholder is None or placeholder.requires_grad
@@ -306,16 +345,18 @@ class _Block:
                     layer.module._parameters[name] = source.module._parameters[name]  # type: ignore[union-attr]
             if foreign := strip_foreign_parameters(layer.module):
                 logger.info("%s: dropped %s assigned to a quantized layer (ties are undone)", path, foreign)
-        for group in groups.values():  # the group's dense layers: the first one's final weight, or one new weight
+        for key, group in groups.items():  # the group's dense layers: the owner's final weight, or one new weight
             dense = [member for member in group if isinstance(member.module, nn.Linear)]
             if not dense:
                 continue
             lead = dense[0]
-            weight = lead.module._parameters.get("weight")  # the owner's new weight, if the owner is dense
-            if lead is not group[0] or weight is None:
-                weight = nn.Parameter(
-                    torch.empty(lead.out_features, lead.in_features, device=lead.device, dtype=lead.dtype)
-                )
+            weight = lead.module._parameters.get("weight") if lead is group[0] else None
+            if weight is None:  # the owner stays quantized: a new weight, as the shared stand-in was made
+                stand_in = shared_stand_ins[key]
+                template = nn.Linear.__new__(nn.Linear)
+                original_linear_init(template, lead.in_features, lead.out_features, False, lead.device, stand_in.dtype)
+                weight = template._parameters["weight"]
+                weight.requires_grad_(stand_in.requires_grad)  # type: ignore[union-attr]
             for member in dense:
                 member.module._parameters["weight"] = weight
         if dense_weights:  # other modules holding a skipped layer's stand-in or old bias (nanoGPT's wte.weight)
@@ -349,12 +390,47 @@ def _reset_stand_in() -> None:
     """``reset_parameters`` of a layer while its block is open: it has nothing to reset (all on meta)."""
 
 
-def _with_codes(module: QuantizedLinear) -> None:
-    """Make the ``codes`` a layer carried as a buffer while its block was open a parameter again (after
-    ``codebooks``, as aqlm orders them), unless it has some (a layer that was given another's)."""
-    buffer = module._buffers.pop("codes", None)
+def _layers_of_open_blocks() -> set[int]:
+    """Ids of the layers that the blocks still open in this context built."""
+    return {id(layer.module) for block in _BLOCKS.get() if block.open for layer in block.layers}
+
+
+def _block_open(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer (or a copy of one) whose block has not yet finished it."""
+    return module.__dict__.get("reset_parameters") is _reset_stand_in
+
+
+def _format(module: nn.Module) -> tuple[Any, ...]:
+    return tuple(getattr(module, name, None) for name in _FORMAT_FIELDS)
+
+
+def _codes_buffer(module: nn.Module) -> torch.Tensor | None:
+    """The layer's ``codes`` buffer if it is the one this library made (a QuantizedLinear's codes: its shape and
+    integer dtype), not one of the model's own."""
+    buffer = module._buffers.get("codes")
+    values = [getattr(module, name, None) for name in ("out_features", "in_features", *_FORMAT_FIELDS)]
+    fields = [value for value in values if isinstance(value, int)]
+    if buffer is None or len(fields) != len(values):
+        return None
+    out_features, in_features, in_group, out_group, num_codebooks, nbits = fields
+    shape = (out_features // out_group, in_features // in_group, num_codebooks)
+    dtype = torch.int8 if nbits <= 8 else torch.int16
+    return buffer if tuple(buffer.shape) == shape and buffer.dtype == dtype else None
+
+
+def _with_codes(layer: _BuiltLayer) -> None:
+    """Make the ``codes`` buffer this library gave a layer while its block was open a parameter again (after
+    ``codebooks``, as aqlm orders them), unless the layer has codes (it was given another's)."""
+    if layer.has_codes_buffer:
+        _codes_to_parameter(layer.module)
+
+
+def _codes_to_parameter(module: nn.Module) -> None:
+    if _codes_buffer(module) is None:
+        return
+    buffer = cast(torch.Tensor, module._buffers.pop("codes"))
     parameters = module._parameters
-    if "codes" in parameters or buffer is None:
+    if "codes" in parameters:
         return
     codes = nn.Parameter(buffer, requires_grad=False)
     items = list(parameters.items())
@@ -640,9 +716,4 @@ class aqlm_quantized:
             if apply_skips:
                 block.finish(first_roots)
         finally:
-            for layer in block.layers:  # layers no root reached, or a failed block: no stand-in stays behind
-                layer.drop_placeholder()
-                if isinstance(layer.module, QuantizedLinear):
-                    _with_codes(layer.module)
-                else:
-                    layer.module._buffers.pop("codes", None)
+            block.close_stand_ins()

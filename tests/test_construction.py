@@ -572,3 +572,47 @@ def test_to_empty_inside_the_block_moves_the_codes_too() -> None:
     assert {name: tensor.device.type for name, tensor in model.named_parameters()} == dict.fromkeys(
         ["a.codebooks", "a.codes", "a.scales", "a.bias"], "cpu"
     )
+
+
+def test_a_models_own_codes_buffer_is_kept_or_refused() -> None:
+    """A buffer the model calls ``codes`` stays on a layer that stays dense; on a quantized layer (whose codes have
+    that name) it is refused with a clear error, not taken for the codes."""
+
+    class OwnCodes(nn.Module):
+        def __init__(self, in_features: int) -> None:
+            super().__init__()
+            self.proj = nn.Linear(in_features, 16)
+            self.proj.register_buffer("codes", torch.arange(16))
+
+    with aqlm_quantized(CONFIG, skip=["proj"]):
+        kept = OwnCodes(16)
+    assert type(kept.proj) is nn.Linear and list(kept.proj._buffers) == ["codes"]
+    with aqlm_quantized(CONFIG, skip=["proj"]):
+        indivisible = OwnCodes(10)  # not storable in groups of 8: built as a dense Linear from the start
+    assert list(indivisible.proj._buffers) == ["codes"]
+    error = r"a 'codes' buffer or attribute of its own(?s:.*)\n  proj \(built at "
+    with pytest.raises(ValueError, match=error), aqlm_quantized(CONFIG):
+        OwnCodes(16)
+
+
+def test_a_failed_block_leaves_no_stand_in_on_clones_or_tied_layers() -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), aqlm_quantized(CONFIG):
+        encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32), num_layers=2, enable_nested_tensor=False)
+        tied = _ThreeTied()
+        raise Boom
+    for module in [*encoder.modules(), *tied.modules()]:
+        if isinstance(module, QuantizedLinear):
+            assert list(module._parameters) == ["codebooks", "codes", "scales", "bias"]
+            assert not module._buffers and "reset_parameters" not in vars(module)
+
+
+def test_a_skipped_layer_tied_to_a_quantized_one_gets_an_initialised_weight() -> None:
+    with aqlm_quantized(CONFIG, skip=["b", "c"], init_on_meta=False):
+        model = _ThreeTied().to(torch.bfloat16).requires_grad_(False)
+    assert type(model.a) is QuantizedLinear and model.b.weight is model.c.weight
+    weight = model.b.weight
+    assert weight.dtype == torch.bfloat16 and not weight.requires_grad and weight.device.type == "cpu"
+    assert bool(torch.isfinite(weight).all()) and 0.03 < float(weight.float().std()) < 0.2  # nn.Linear's init
