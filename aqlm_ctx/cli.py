@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,18 @@ def _layer_bits(reader: TensorReader, module: str, config: AqlmConfig) -> tuple[
     return bits, out_groups * in_groups * group[0] * group[1]
 
 
+@contextlib.contextmanager
+def _quiet_loader() -> Iterator[None]:
+    """The loader's warning about unexpected tensors goes into the report instead."""
+    loader = logging.getLogger("aqlm_ctx.loading")
+    level = loader.level
+    loader.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        loader.setLevel(level)
+
+
 def _skeleton(path: Path, model_config: dict[str, Any], config: AqlmConfig, allow_pickle: bool) -> nn.Module | None:
     """The architecture's skeleton on meta as from_pretrained builds it, if transformers exports the class the
     config names."""
@@ -178,8 +192,10 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[
             bits, count = _layer_bits(reader, module, config)
             code_bits, weights = code_bits + bits, weights + count
         dense = [module for module in _dense_layers(reader, names) if _name(module, "codes") not in name_set]
-        if skeleton is not None:  # what from_pretrained would find: missing, unexpected or mismatched tensors
-            check_checkpoint(skeleton, reader, str(directory), config)
+        unexpected: list[str] = []
+        if skeleton is not None:  # what from_pretrained refuses: missing or mismatched tensors
+            with _quiet_loader():
+                _, unexpected = check_checkpoint(skeleton, reader, str(directory), config, strict=False)
     matcher = SkipMatcher(renamed_skip(config.skip, skeleton) if skeleton is not None else config.skip)
     found = matcher.resolve(skeleton if skeleton is not None else _module_paths_from_names(names))
     unmatched = [p for index, p in enumerate(config.skip) if index not in found.used]
@@ -197,6 +213,7 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[
         "skip": list(config.skip),
         "skip_checked_against": "architecture" if skeleton is not None else "tensor names",
         "skip_unmatched": unmatched,
+        "unexpected_tensors": unexpected,
     }
 
 
@@ -220,6 +237,10 @@ def _print_report(report: dict[str, Any]) -> None:
         if not unmatched
         else f"skip matches:      {len(unmatched)} pattern(s) match no module of the {checked}: {', '.join(unmatched)}"
     )
+    unexpected = report["unexpected_tensors"]
+    if unexpected:  # from_pretrained(strict=False) ignores them; strict loading refuses them
+        listed = ", ".join(unexpected[:4]) + (", ..." if len(unexpected) > 4 else "")
+        lines.append(f"unexpected:        {len(unexpected)} tensor(s) the architecture has no place for: {listed}")
     print("\n".join(lines))
 
 

@@ -70,7 +70,7 @@ def parse_float_dtype(value: object, name: str) -> torch.dtype | None:
 def _check_skip(value: object) -> tuple[SkipPattern, ...]:
     if isinstance(value, str) or callable(value):
         value = (value,)
-    if not isinstance(value, Iterable):
+    if not isinstance(value, Iterable) or isinstance(value, Mapping):
         raise TypeError(
             f"AqlmConfig.skip must be a list of module path patterns or callables, got {type(value).__name__}"
         )

@@ -437,9 +437,13 @@ def check_checkpoint(
     checkpoint_config: AqlmConfig | None,
     strict: bool = True,
     slots: list[_Slot] | None = None,
-) -> dict[int, str]:
+) -> tuple[dict[int, str], list[str]]:
     """Check that the tensors ``reader`` holds fit ``model`` (names, shapes, code dtypes, the quantized layers'
-    format) without reading their data; the checkpoint name of each slot's tensor.
+    format) without reading their data.
+
+    Returns:
+        The checkpoint name of each slot's tensor, and the checkpoint's tensors the model has no place for (an
+        error with ``strict``, else logged).
 
     Raises:
         ValueError: the problems, one per line: missing tensors, unexpected ones (with ``strict``), mismatches.
@@ -478,7 +482,7 @@ def check_checkpoint(
         raise ValueError(f"cannot load {source_name} into {type(model).__name__}:" + _listing(problems))
     if unexpected:
         logger.warning("ignored %d unexpected tensors in %s:%s", len(unexpected), source_name, _listing(unexpected))
-    return sources
+    return sources, unexpected
 
 
 @torch.inference_mode(False)  # loaded tensors are ordinary ones (version counters), also under inference_mode
@@ -498,7 +502,7 @@ def _load(
         raise ValueError("pass either device or device_map/max_memory, not both")
     target_dtype = _parse_dtype(dtype)
     slots = list(_slots(model).values())
-    sources = check_checkpoint(model, reader, source_name, checkpoint_config, strict, slots)
+    sources, _ = check_checkpoint(model, reader, source_name, checkpoint_config, strict, slots)
 
     if device_map is None and max_memory is not None:
         device_map = "auto"

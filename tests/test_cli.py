@@ -320,3 +320,16 @@ def test_output_piped_to_a_reader_that_leaves_early_is_no_error(checkpoint: Path
 def test_a_path_with_a_newline_stays_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_inspect(capsys, str(tmp_path / "new\nline"))
     assert_one_line_error(code, err, ("'", "new\\nline"))
+
+
+def test_tensors_the_architecture_has_no_place_for_are_reported(
+    single: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What from_pretrained(strict=False) ignores (rotary inv_freq saved by older transformers) is listed, exit 0."""
+    copy = Path(shutil.copytree(single, tmp_path / "ckpt"))
+    rewrite(copy, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    code, out, _ = run_inspect(capsys, str(copy))
+    assert code == 0 and "unexpected:        1 tensor(s)" in out and "rotary_emb.inv_freq" in out
+    assert aqlm_ctx.cli.inspect_checkpoint(copy)["unexpected_tensors"] == [
+        "model.layers.0.self_attn.rotary_emb.inv_freq"
+    ]

@@ -186,3 +186,10 @@ def test_same_format_takes_any_config_form() -> None:
     assert not config.same_format({"quant_method": "aqlm"})
     with pytest.raises(TypeError, match="expected an AqlmConfig"):
         config.same_format(42)
+
+
+def test_skip_as_a_mapping_is_refused() -> None:
+    with pytest.raises(
+        TypeError, match="AqlmConfig.skip must be a list of module path patterns or callables, got dict"
+    ):
+        AqlmConfig(skip={"lm_head": True})
