@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,18 +119,6 @@ def _layer_bits(reader: TensorReader, module: str, config: AqlmConfig) -> tuple[
     return bits, out_groups * in_groups * group[0] * group[1]
 
 
-@contextlib.contextmanager
-def _quiet_loader() -> Iterator[None]:
-    """The loader's warning about unexpected tensors goes into the report instead."""
-    loader = logging.getLogger("aqlm_ctx.loading")
-    level = loader.level
-    loader.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        loader.setLevel(level)
-
-
 def _skeleton(path: Path, model_config: dict[str, Any], config: AqlmConfig, allow_pickle: bool) -> nn.Module | None:
     """The architecture's skeleton on meta as from_pretrained builds it, if transformers exports the class the
     config names."""
@@ -194,8 +180,7 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[
         dense = [module for module in _dense_layers(reader, names) if _name(module, "codes") not in name_set]
         unexpected: list[str] = []
         if skeleton is not None:  # what from_pretrained refuses: missing or mismatched tensors
-            with _quiet_loader():
-                _, unexpected = check_checkpoint(skeleton, reader, str(directory), config, strict=False)
+            _, unexpected = check_checkpoint(skeleton, reader, str(directory), config, strict=False)
     matcher = SkipMatcher(renamed_skip(config.skip, skeleton) if skeleton is not None else config.skip)
     found = matcher.resolve(skeleton if skeleton is not None else _module_paths_from_names(names))
     unmatched = [p for index, p in enumerate(config.skip) if index not in found.used]

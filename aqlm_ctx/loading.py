@@ -443,7 +443,7 @@ def check_checkpoint(
 
     Returns:
         The checkpoint name of each slot's tensor, and the checkpoint's tensors the model has no place for (an
-        error with ``strict``, else logged).
+        error with ``strict``).
 
     Raises:
         ValueError: the problems, one per line: missing tensors, unexpected ones (with ``strict``), mismatches.
@@ -480,8 +480,6 @@ def check_checkpoint(
         problems.append("unexpected in the checkpoint (pass strict=False to ignore):" + _listing(unexpected))
     if problems:
         raise ValueError(f"cannot load {source_name} into {type(model).__name__}:" + _listing(problems))
-    if unexpected:
-        logger.warning("ignored %d unexpected tensors in %s:%s", len(unexpected), source_name, _listing(unexpected))
     return sources, unexpected
 
 
@@ -502,7 +500,9 @@ def _load(
         raise ValueError("pass either device or device_map/max_memory, not both")
     target_dtype = _parse_dtype(dtype)
     slots = list(_slots(model).values())
-    sources, _ = check_checkpoint(model, reader, source_name, checkpoint_config, strict, slots)
+    sources, unexpected = check_checkpoint(model, reader, source_name, checkpoint_config, strict, slots)
+    if unexpected:
+        logger.warning("ignored %d unexpected tensors in %s:%s", len(unexpected), source_name, _listing(unexpected))
 
     if device_map is None and max_memory is not None:
         device_map = "auto"
