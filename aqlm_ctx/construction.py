@@ -41,11 +41,12 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from .config import _FORMAT_FIELDS, AqlmConfig, ConfigLike, SkipPattern, as_config
+from .config import AqlmConfig, ConfigLike, SkipPattern, as_config
 from .kernels import install_kernels
 from .layers import (
     check_divisible,
     indivisible_layers_error,
+    layer_config,
     make_dense_in_place,
     new_quantized_linear,
     original_linear_init,
@@ -71,7 +72,6 @@ class _BuiltLayer:
     source: str
     placeholder: nn.Parameter | None = None
     own_bias: nn.Parameter | None = None
-    has_codes_buffer: bool = False  # this library moved the layer's codes into a buffer while its block is open
 
     def drop_placeholder(self) -> nn.Parameter | None:
         """Remove the stand-ins (``weight``, ``reset_parameters``) if the module still has them, and return the
@@ -133,7 +133,6 @@ class _Block:
                 layer.placeholder = nn.Parameter(torch.empty(out_features, in_features, device="meta", dtype=dtype))
                 module._parameters["weight"] = layer.placeholder
                 module._buffers["codes"] = cast(nn.Parameter, module._parameters.pop("codes")).data  # moves with .to()
-                layer.has_codes_buffer = True
                 module.__dict__["reset_parameters"] = _reset_stand_in
                 layer.own_bias = module._parameters["bias"]
             install_kernels(module)
@@ -182,7 +181,7 @@ class _Block:
                 # A copy whose weight is another layer's stand-in is tied to that layer (b = deepcopy(a);
                 # b.weight = a.weight), not the owner of that stand-in.
                 layer.placeholder = None if id(weight) in placeholders else weight
-                layer.own_bias, layer.has_codes_buffer = module._parameters.get("bias"), "codes" in module._buffers
+                layer.own_bias = module._parameters.get("bias")
                 placeholders.add(id(weight))
                 copies.append(layer)
         return copies
@@ -194,14 +193,15 @@ class _Block:
         for layer in self.layers:
             layer.drop_placeholder()
             if isinstance(layer.module, QuantizedLinear):
-                _with_codes(layer)
+                _codes_to_parameter(layer.module)
                 weight = layer.module._parameters.get("weight")
                 if weight is not None and id(weight) in stand_ins:  # tied to another layer's stand-in
                     del layer.module._parameters["weight"]
         roots = [*self.parents.values(), *(layer.module for layer in self.layers)]
         others = _layers_of_open_blocks()  # an enclosing block still open finishes its own layers
         for module in {id(m): m for root in roots for m in root.modules()}.values():
-            if _block_open(module) and id(module) not in others:  # a copy no root reached, or of a failed block
+            if isinstance(module, QuantizedLinear) and _block_open(module) and id(module) not in others:
+                # a copy that no root reached, or one of a failed block
                 del module.__dict__["reset_parameters"]
                 _codes_to_parameter(module)
                 weight = module._parameters.get("weight")
@@ -276,16 +276,16 @@ class _Block:
         ]
         if problems:
             raise indivisible_layers_error(problems, config)
-        renamed = [
+        foreign_codes = [
             _where(path, layer)
             for layer, path, skipped in decided
-            if not skipped and layer.has_codes_buffer and _codes_buffer(layer.module) is None
+            if not skipped and isinstance(layer.module, QuantizedLinear) and _codes_buffer(layer.module) is None
         ]
-        if renamed:
+        if foreign_codes:
             raise ValueError(
                 "model code gave these layers, which aqlm_quantized built as QuantizedLinear, a 'codes' buffer or "
                 "attribute of its own (a quantized layer's codes have that name); rename it, or skip the layer:"
-                + "".join(f"\n  {p}" for p in renamed)
+                + "".join(f"\n  {p}" for p in foreign_codes)
             )
         parametrized = [
             _where(path, layer)
@@ -301,7 +301,7 @@ class _Block:
             )
         for layer, _, skipped in decided:
             if not skipped and isinstance(layer.module, QuantizedLinear):
-                _with_codes(layer)
+                _codes_to_parameter(layer.module)
         # Layers whose weight was tied to a built layer's (stand-in) weight form a group with it, that layer first:
         # as with the visitor, the group's quantized layers share one set of codes and its dense layers one weight.
         placeholders = {id(layer.placeholder): layer for layer in self.layers if layer.placeholder is not None}
@@ -317,9 +317,10 @@ class _Block:
         codes_from: dict[int, _BuiltLayer] = {}  # a quantized group member -> the first quantized one
         for group in groups.values():
             kept = [member for member in group if id(member.module) not in skipped_ids]
-            codes_from.update(
-                (id(member.module), kept[0]) for member in kept[1:] if _format(member.module) == _format(kept[0].module)
-            )
+            formats = [layer_config(cast(QuantizedLinear, member.module)) for member in kept]
+            for member, member_format in zip(kept[1:], formats[1:], strict=True):
+                if member_format.same_format(formats[0]):
+                    codes_from[id(member.module)] = kept[0]
         # id -> (a stand-in weight or old bias, what replaces it)
         dense_weights: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
         for layer, path, skipped in decided:
@@ -327,7 +328,7 @@ class _Block:
             placeholder = layer.drop_placeholder()
             if skipped:
                 if isinstance(layer.module, QuantizedLinear):
-                    if layer.has_codes_buffer and _codes_buffer(layer.module) is not None:
+                    if _codes_buffer(layer.module) is not None:
                         del layer.module._buffers["codes"]
                     tied_bias = layer.module._parameters.get("bias") is not layer.own_bias
                     dtype = placeholder.dtype if placeholder is not None else layer.dtype
@@ -400,32 +401,22 @@ def _block_open(module: nn.Module) -> bool:
     return module.__dict__.get("reset_parameters") is _reset_stand_in
 
 
-def _format(module: nn.Module) -> tuple[Any, ...]:
-    return tuple(getattr(module, name, None) for name in _FORMAT_FIELDS)
+def _codes_buffer(layer: QuantizedLinear) -> torch.Tensor | None:
+    """The layer's ``codes`` buffer if it is the one this library made while the layer's block was open (the
+    layer's codes: their shape and integer dtype), not one of the model's own."""
+    buffer = layer._buffers.get("codes")
+    config = layer_config(layer)
+    shape = (
+        cast(int, layer.out_features) // config.out_group_size,
+        cast(int, layer.in_features) // config.in_group_size,
+        config.num_codebooks,
+    )
+    return buffer if buffer is not None and tuple(buffer.shape) == shape and buffer.dtype == config.code_dtype else None
 
 
-def _codes_buffer(module: nn.Module) -> torch.Tensor | None:
-    """The layer's ``codes`` buffer if it is the one this library made (a QuantizedLinear's codes: its shape and
-    integer dtype), not one of the model's own."""
-    buffer = module._buffers.get("codes")
-    values = [getattr(module, name, None) for name in ("out_features", "in_features", *_FORMAT_FIELDS)]
-    fields = [value for value in values if isinstance(value, int)]
-    if buffer is None or len(fields) != len(values):
-        return None
-    out_features, in_features, in_group, out_group, num_codebooks, nbits = fields
-    shape = (out_features // out_group, in_features // in_group, num_codebooks)
-    dtype = torch.int8 if nbits <= 8 else torch.int16
-    return buffer if tuple(buffer.shape) == shape and buffer.dtype == dtype else None
-
-
-def _with_codes(layer: _BuiltLayer) -> None:
-    """Make the ``codes`` buffer this library gave a layer while its block was open a parameter again (after
-    ``codebooks``, as aqlm orders them), unless the layer has codes (it was given another's)."""
-    if layer.has_codes_buffer:
-        _codes_to_parameter(layer.module)
-
-
-def _codes_to_parameter(module: nn.Module) -> None:
+def _codes_to_parameter(module: QuantizedLinear) -> None:
+    """Make the codes a layer carried as a buffer while its block was open a parameter again (after ``codebooks``,
+    as aqlm orders them), unless the layer has codes (it was given another's)."""
     if _codes_buffer(module) is None:
         return
     buffer = cast(torch.Tensor, module._buffers.pop("codes"))

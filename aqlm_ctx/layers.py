@@ -20,6 +20,7 @@ from .kernels import install_kernels
 
 __all__ = [
     "check_divisible",
+    "layer_config",
     "make_all_quantized_in_place",
     "make_dense_in_place",
     "make_quantized_in_place",
@@ -72,6 +73,11 @@ def indivisible_layers_error(problems: list[str], config: AqlmConfig, outcome: s
         + "\nadd them to skip=[...] to keep them dense"
         + outcome
     )
+
+
+def layer_config(layer: QuantizedLinear) -> AqlmConfig:
+    """The format a QuantizedLinear stores its weight in (its four format fields)."""
+    return AqlmConfig(layer.in_group_size, layer.out_group_size, layer.num_codebooks, layer.nbits_per_codebook)
 
 
 def new_quantized_linear(

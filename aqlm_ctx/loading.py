@@ -19,7 +19,13 @@ from .checkpoint import MappingReader, TensorReader, find_checkpoint_files, open
 from .config import AqlmConfig, parse_float_dtype, read_checkpoint_config
 from .construction import aqlm_quantized
 from .kernels import install_kernels
-from .layers import check_divisible, make_all_quantized_in_place, new_quantized_linear, strip_foreign_parameters
+from .layers import (
+    check_divisible,
+    layer_config,
+    make_all_quantized_in_place,
+    new_quantized_linear,
+    strip_foreign_parameters,
+)
 from .substitutions import apply_renames, checkpoint_renames, renamed_skip
 
 __all__ = ["from_pretrained", "load_checkpoint", "load_tensors"]
@@ -112,16 +118,12 @@ def _quantize_stored_linear_subclasses(
     )
 
 
-def _expected_code_dtype(layer: QuantizedLinear) -> torch.dtype:
-    return torch.int8 if layer.nbits_per_codebook <= 8 else torch.int16
-
-
 def _check_quantized_layers(model: nn.Module, checkpoint_config: AqlmConfig | None) -> list[str]:
     problems = []
     for path, layer in model.named_modules():
         if not isinstance(layer, QuantizedLinear) or checkpoint_config is None:
             continue
-        ours = AqlmConfig(layer.in_group_size, layer.out_group_size, layer.num_codebooks, layer.nbits_per_codebook)
+        ours = layer_config(layer)
         if not ours.same_format(checkpoint_config):
             problems.append(
                 f"{path}: the model's layer is {ours.format_name} but the checkpoint was quantized with "
@@ -144,7 +146,7 @@ def _tensor_problems(
     module_path, _, name = slot.names[0].rpartition(".")
     owner = modules[module_path]
     if isinstance(owner, QuantizedLinear) and name == "codes":
-        wanted = _expected_code_dtype(owner)
+        wanted = layer_config(owner).code_dtype
         if stored_dtype != wanted:
             problems.append(
                 f"{source}: codes are {stored_dtype} in the checkpoint, but nbits_per_codebook="
