@@ -289,7 +289,7 @@ def save_checkpoint(
     data.pop("quantization_config", None)
     data["torch_dtype"] = str(_lossless_dtype(model)).removeprefix("torch.")
     if hf_config is not None and "dtype" in data and "dtype" not in (model_config or {}):
-        data["dtype"] = data["torch_dtype"]  # transformers 5's name for it (a key of its configs), read first
+        data["dtype"] = data["torch_dtype"]  # transformers 5's name for it (a key of its configs): both say the same
     _untie_quantized_output_embeddings(model, data, tensors)
     data["quantization_config"] = {
         "quant_method": "aqlm",
